@@ -1,0 +1,121 @@
+"""Blending windows and the weighted accumulation of tile logits (pure numpy).
+
+Overlapping tiles are merged as ``sum(w * logits) / sum(w)`` per pixel, where
+``w`` is a 2-D window over the tile. Every named window is strictly positive
+at every pixel, the outermost row and column included, so no pixel can end
+with zero weight (a linear or cosine ramp that reaches 0 at the tile edge
+leaves lines of undefined pixels where only one tile reaches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Union
+
+import numpy as np
+
+from .errors import ConfigError
+
+WindowFn = Callable[[int], np.ndarray]
+Blend = Union[str, WindowFn]
+
+
+def _hann(n: int) -> np.ndarray:
+    # Sampled at pixel centres, so both ends are > 0: sin^2(pi (i + 0.5) / n).
+    return np.sin(np.pi * (np.arange(n) + 0.5) / n) ** 2
+
+
+def _triangular(n: int) -> np.ndarray:
+    # 1 at the centre, 1/n at the outermost pixels.
+    return 1.0 - np.abs(2.0 * (np.arange(n) + 0.5) / n - 1.0)
+
+
+def _gaussian(n: int) -> np.ndarray:
+    # sigma = n/8 as in nnU-Net's sliding window; exp(-8) ~ 3e-4 at the edges.
+    x = np.arange(n) + 0.5 - n / 2.0
+    return np.exp(-0.5 * (x / (n / 8.0)) ** 2)
+
+
+def _mean(n: int) -> np.ndarray:
+    return np.ones(n)
+
+
+BLEND_WINDOWS: dict[str, WindowFn] = {
+    "hann": _hann,
+    "triangular": _triangular,
+    "gaussian": _gaussian,
+    "mean": _mean,
+}
+
+
+def make_window(blend: Blend, tile: int) -> np.ndarray:
+    """The (tile, tile) float32 weight window for a named or callable blend.
+
+    A callable receives the tile side and returns either a 1-D profile of
+    length ``tile`` (applied separably, ``outer(p, p)``) or a full
+    ``(tile, tile)`` window. Weights must be finite and > 0 everywhere.
+    """
+    if isinstance(blend, str):
+        try:
+            fn = BLEND_WINDOWS[blend]
+        except KeyError:
+            names = ", ".join(sorted(BLEND_WINDOWS))
+            raise ConfigError(
+                f"unknown blend window {blend!r}; choose one of: {names}"
+            ) from None
+        name = blend
+    elif callable(blend):
+        fn, name = blend, getattr(blend, "__name__", "callable")
+    else:
+        raise ConfigError(f"blend must be a window name or a callable, got {type(blend).__name__}")
+    w = np.asarray(fn(tile), dtype=np.float64)
+    if w.shape == (tile,):
+        w = np.outer(w, w)
+    if w.shape != (tile, tile):
+        raise ConfigError(
+            f"blend window {name!r} returned shape {w.shape}; expected ({tile},) or ({tile}, {tile})"
+        )
+    if not np.all(np.isfinite(w)) or np.min(w) <= 0:
+        raise ConfigError(
+            f"blend window {name!r} has weights <= 0 or non-finite; every pixel needs a weight > 0"
+        )
+    return (w / w.max()).astype(np.float32)
+
+
+def accumulate(acc: np.ndarray, logits: np.ndarray, window: np.ndarray, row: int, col: int) -> None:
+    """Add one tile's weighted logits into ``acc`` in place.
+
+    ``acc`` is (K + 1, H, W) float32: channels ``:K`` hold ``sum(w * logits)``,
+    channel ``K`` holds ``sum(w)``. ``logits`` is (K, T, T) at the output grid;
+    ``(row, col)`` is the tile origin in ``acc``'s pixel coordinates.
+    """
+    k, t, _ = logits.shape
+    region = acc[:, row : row + t, col : col + t]
+    region[:k] += logits * window
+    region[k] += window
+
+
+def resolve(acc: np.ndarray, valid: np.ndarray | None = None, *, nodata: int = 255,
+            confidence: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Turn an accumulator into a uint8 class map and, optionally, confidence.
+
+    Confidence is the maximum softmax probability of the blended logits,
+    float32 in [1/K, 1]; where ``valid`` is False the class is ``nodata`` and
+    the confidence -1.
+    """
+    k = acc.shape[0] - 1
+    weight = acc[k]
+    if np.any(weight[valid if valid is not None else slice(None)] <= 0):
+        raise RuntimeError("a valid pixel received no tile weight; the tiling is wrong")
+    classes = np.argmax(acc[:k], axis=0).astype(np.uint8)
+    conf = None
+    if confidence:
+        logits = acc[:k] / np.maximum(weight, np.finfo(np.float32).tiny)
+        logits -= logits.max(axis=0, keepdims=True)
+        conf = (1.0 / np.exp(logits).sum(axis=0)).astype(np.float32)
+    if valid is not None:
+        classes[~valid] = nodata
+        if conf is not None:
+            conf[~valid] = -1.0
+    return classes, conf
+

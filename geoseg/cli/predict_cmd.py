@@ -1,0 +1,59 @@
+"""``geoseg predict``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .main import one_line_errors
+
+
+def _bands(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(b) for b in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of band numbers") from None
+
+
+@click.command()
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory [default: ./<SRC stem>_geoseg].")
+@click.option("-m", "--model", "model", help="Built-in model name, .onnx or .safetensors path.")
+@click.option("--card", type=click.Path(dir_okay=False, path_type=Path),
+              help="Model card YAML [default: beside the model, same stem].")
+@click.option("--tile-size", type=int, help="Tile side in pixels [default: the card's tile_size].")
+@click.option("--overlap", type=int, help="Overlap between tiles in pixels [default: tile/8].")
+@click.option("--blend", default="hann", show_default=True,
+              help="Blending window: hann, triangular, gaussian or mean.")
+@click.option("--batch-size", type=int, help="Tiles per forward pass [default: sized to the device].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--scheduler", help="dask.distributed scheduler address [default: local threads].")
+@click.option("--workers", "num_workers", type=int, help="Local threads [default: CPU count].")
+@click.option("--bands", "bands", help="1-based bands to read, e.g. 1,2,3 [default: all but alpha].")
+@click.option("--confidence", is_flag=True, help="Also write confidence.tif (max softmax).")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@one_line_errors
+def predict(src: Path, output: Path | None, model: str | None, card: Path | None,
+            tile_size: int | None, overlap: int | None, blend: str, batch_size: int | None,
+            device: str, scheduler: str | None, num_workers: int | None, bands: str | None,
+            confidence: bool, overwrite: bool, quiet: bool) -> None:
+    """Segment SRC (any GDAL raster, any size) into a class COG and friends."""
+    from ..predict import predict as run
+    from .report import predict_summary, progress_bar
+
+    if model is None:
+        from ..models.loading import default_model
+
+        model = default_model()
+    with progress_bar(quiet, "Predicting") as update:
+        result = run(src, output, model=model, card=card, tile_size=tile_size, overlap=overlap,
+                     blend=blend, batch_size=batch_size, device=device, scheduler=scheduler,
+                     num_workers=num_workers, bands=_bands(bands), confidence=confidence,
+                     overwrite=overwrite, progress=update)
+    if not quiet:
+        predict_summary(result)

@@ -1,0 +1,214 @@
+"""Raster I/O: windowed reads with reflected edges, and COG class rasters out.
+
+This is one of the two modules that touch files (the other is the CLI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+from ..errors import InputNotFoundError, NotARasterError
+from ..grid import Grid, reflect_index
+
+#: GDAL block cache while writing; keeps the COG conversion's memory flat.
+GDAL_CACHEMAX_MB = 256
+
+
+def open_raster(path: str | Path) -> Any:
+    """Open a raster for reading, with one-line errors for the common mistakes."""
+    p = str(path)
+    if "://" not in p and not p.startswith("/vsi") and not Path(p).exists():
+        raise InputNotFoundError(f"input raster {p} does not exist; check the path")
+    try:
+        return rasterio.open(p)
+    except RasterioIOError:
+        raise NotARasterError(
+            f"{p} is not a raster GDAL can read; pass a GeoTIFF, VRT or another GDAL raster"
+        ) from None
+
+
+def data_bands(ds: Any) -> list[int]:
+    """1-based indexes of the bands that carry data (alpha bands are masks, not data)."""
+    return [b for b, ci in zip(ds.indexes, ds.colorinterp) if ci != ColorInterp.alpha] or list(
+        ds.indexes
+    )
+
+
+@dataclass
+class RasterSource:
+    """A picklable handle on a raster: path and the (1-based) bands to read.
+
+    Each thread opens its own GDAL dataset the first time it reads, so the
+    source can be shared by dask's threads and shipped to distributed
+    workers as a plain path.
+    """
+
+    path: str
+    bands: tuple[int, ...]
+    _local: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "bands": self.bands}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self.bands = state["path"], state["bands"]
+        self._local = threading.local()
+
+    def _ds(self) -> Any:
+        ds = getattr(self._local, "ds", None)
+        if ds is None:
+            ds = self._local.ds = rasterio.open(self.path)
+        return ds
+
+    @property
+    def grid(self) -> Grid:
+        return Grid.from_rio(self._ds())
+
+    def read(self, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Raw values (C, h, w) and validity (h, w) bool for a window.
+
+        The window may reach past the raster's bottom and right edges; those
+        pixels mirror the raster (``numpy.pad(mode="reflect")``). Validity
+        combines nodata values, per-dataset masks and alpha (GDAL's dataset
+        mask); a raster with none of those is valid everywhere.
+        """
+        ds = self._ds()
+        h, w = ds.height, ds.width
+        ridx = reflect_index(np.arange(rows.start, rows.stop), h)
+        cidx = reflect_index(np.arange(cols.start, cols.stop), w)
+        r0, r1 = int(ridx.min()), int(ridx.max()) + 1
+        c0, c1 = int(cidx.min()), int(cidx.max()) + 1
+        win = Window(c0, r0, c1 - c0, r1 - r0)
+        data = ds.read(list(self.bands), window=win)
+        flags = [ds.mask_flag_enums[b - 1] for b in self.bands]
+        if all(f == [MaskFlags.all_valid] for f in flags):
+            valid = np.ones(data.shape[1:], dtype=bool)
+        else:
+            valid = ds.dataset_mask(window=win) > 0
+        inside = rows.start >= 0 and rows.stop <= h and cols.start >= 0 and cols.stop <= w
+        if not inside:
+            data = data[:, ridx - r0][:, :, cidx - c0]
+            valid = valid[ridx - r0][:, cidx - c0]
+        return data, valid
+
+
+@dataclass
+class ArraySource:
+    """An in-memory (C, H, W) image with the same ``read`` contract as :class:`RasterSource`."""
+
+    data: np.ndarray
+    valid: np.ndarray | None = None
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return int(self.data.shape[1]), int(self.data.shape[2])
+
+    def read(self, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+        h, w = self.grid_shape
+        ridx = reflect_index(np.arange(rows.start, rows.stop), h)
+        cidx = reflect_index(np.arange(cols.start, cols.stop), w)
+        data = self.data[:, ridx][:, :, cidx]
+        if self.valid is None:
+            return data, np.ones(data.shape[1:], dtype=bool)
+        return data, self.valid[ridx][:, cidx]
+
+
+def _tiff_block(block: int) -> int:
+    """Largest GeoTIFF tile side (<= 512, multiple of 16) that divides ``block``."""
+    for t in (512, 256, 128, 64, 32, 16):
+        if block % t == 0:
+            return t
+    return 16
+
+
+class BlockWriter:
+    """Writes output blocks into a tiled GeoTIFF, then converts it to a COG.
+
+    Blocks arrive in any order from any thread; a lock serialises GDAL. The
+    working file is tiled so that every block covers whole TIFF tiles (no
+    read-modify-write), and lives under a hidden temporary name until
+    :meth:`finish` publishes the COG under its final name.
+    """
+
+    def __init__(self, final: Path, grid: Grid, *, dtype: str, nodata: float, block: int,
+                 colormap: dict[int, tuple[int, int, int, int]] | None = None,
+                 tags: dict[str, str] | None = None, description: str = ""):
+        self.final = Path(final)
+        self.work = self.final.with_name(f".{self.final.name}.part.tif")
+        self.cog = self.final.with_name(f".{self.final.name}.cog.tif")
+        self.grid = grid
+        self.nodata = nodata
+        self._lock = threading.Lock()
+        t = _tiff_block(block)
+        profile = dict(
+            driver="GTiff", width=grid.width, height=grid.height, count=1, dtype=dtype,
+            crs=grid.crs, transform=grid.transform, nodata=nodata, tiled=True,
+            blockxsize=t, blockysize=t, compress="ZSTD", zstd_level=1, bigtiff="IF_SAFER",
+        )
+        self._ds = rasterio.open(self.work, "w", **profile)
+        if colormap:
+            self._ds.write_colormap(1, colormap)
+        if tags:
+            self._ds.update_tags(**tags)
+        if description:
+            self._ds.set_band_description(1, description)
+
+    def write(self, rows: slice, cols: slice, block: np.ndarray) -> None:
+        win = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
+        with self._lock:
+            self._ds.write(block, 1, window=win)
+
+    def finish(self, *, resampling: str, category_names: list[str] | None = None) -> None:
+        """Close the working file and publish it as a COG with overviews."""
+        self._ds.close()
+        try:
+            rasterio.shutil.copy(
+                self.work, self.cog, driver="COG", COMPRESS="DEFLATE", LEVEL=6,
+                BLOCKSIZE=512, OVERVIEWS="AUTO", RESAMPLING=resampling.upper(),
+                OVERVIEW_RESAMPLING=resampling.upper(), BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
+            )
+        finally:
+            self.work.unlink(missing_ok=True)
+        if category_names:
+            _write_category_names(self.cog, category_names)
+            os.replace(_aux(self.cog), _aux(self.final))
+        os.replace(self.cog, self.final)
+
+    def abort(self) -> None:
+        """Remove every temporary file; the final name is never touched."""
+        if not self._ds.closed:
+            self._ds.close()
+        for p in (self.work, self.cog, _aux(self.cog)):
+            p.unlink(missing_ok=True)
+
+
+def _aux(path: Path) -> Path:
+    return path.with_name(path.name + ".aux.xml")
+
+
+def _write_category_names(path: Path, names: list[str]) -> None:
+    """Class names as GDAL category names, in the PAM sidecar GDAL and QGIS read."""
+    cats = "".join(f"      <Category>{escape(n)}</Category>\n" for n in names)
+    _aux(path).write_text(
+        "<PAMDataset>\n  <PAMRasterBand band=\"1\">\n    <CategoryNames>\n"
+        f"{cats}    </CategoryNames>\n  </PAMRasterBand>\n</PAMDataset>\n"
+    )
+
+
+def class_tags(classes: list[str], colors: list[str]) -> dict[str, str]:
+    """Class names and colours embedded in the GeoTIFF (survive without sidecars)."""
+    return {"GEOSEG_CLASSES": json.dumps(classes), "GEOSEG_COLORS": json.dumps(colors)}
+

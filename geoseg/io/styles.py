@@ -1,0 +1,52 @@
+"""QGIS layer styles (QML) so outputs open named and coloured with no clicks.
+
+QGIS loads ``<name>.qml`` beside ``<name>.tif`` as the layer's default style.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+
+def _hex(rgb: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+def paletted_raster_qml(classes: list[str], palette: list[tuple[int, int, int]]) -> str:
+    """A QML for a uint8 class raster: one palette entry per class, labelled with its name."""
+    entries = "\n".join(
+        f"        <paletteEntry value=\"{i}\" color=\"{_hex(rgb)}\" alpha=\"255\" label={quoteattr(name)}/>"
+        for i, (name, rgb) in enumerate(zip(classes, palette))
+    )
+    return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis version="3.22.0" styleCategories="AllStyleCategories">
+  <pipe>
+    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">
+      <rasterTransparency/>
+      <minMaxOrigin>
+        <limits>None</limits>
+        <extent>WholeRaster</extent>
+        <statAccuracy>Estimated</statAccuracy>
+        <cumulativeCutLower>0.02</cumulativeCutLower>
+        <cumulativeCutUpper>0.98</cumulativeCutUpper>
+        <stdDevFactor>2</stdDevFactor>
+      </minMaxOrigin>
+      <colorPalette>
+{entries}
+      </colorPalette>
+    </rasterrenderer>
+    <brightnesscontrast brightness="0" contrast="0" gamma="1"/>
+    <huesaturation saturation="0" colorizeOn="0" grayscaleMode="0" colorizeRed="255" colorizeGreen="128" colorizeBlue="128" colorizeStrength="100"/>
+    <rasterresampler maxOversampling="2"/>
+  </pipe>
+  <blendMode>0</blendMode>
+</qgis>
+"""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,1 @@
+"""Models: cards, backends, the registry and the YOLO-style family."""

@@ -1,0 +1,208 @@
+"""Model backends: torch ``nn.Module`` and ONNX Runtime, behind one protocol.
+
+A backend maps float32 (B, C, H, W) input to float32 logits (B, K, H, W) at
+the input's resolution: a head that predicts at a stride (YOLO-style models
+predict at H/8) is upsampled bilinearly here, so blending happens on the
+output grid. Calls are serialised with a lock: one forward at a time per
+process keeps the device (all CPU cores, or one GPU stream) busy without
+oversubscription, while other threads read, normalise and blend.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DeviceError, ModelCardError
+from .card import ModelCard
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; validates ``cuda:N``."""
+    import torch
+
+    d = (device or "auto").lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "cpu":
+        return d
+    if d == "cuda" or d.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
+        if ":" in d:
+            idx = d.split(":", 1)[1]
+            if not idx.isdigit() or int(idx) >= torch.cuda.device_count():
+                raise DeviceError(
+                    f"device {device!r} does not exist; {torch.cuda.device_count()} GPU(s) visible"
+                )
+        return d
+    raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def auto_batch_size(device: str, tile: int, in_channels: int, *, bytes_per_pixel: int = 6000) -> int:
+    """Tiles per forward pass that fit the device.
+
+    On CUDA the batch is sized to half the free memory, assuming
+    ``bytes_per_pixel`` of activations per input pixel (a conservative figure
+    for the YOLO-style family in fp16); on CPU a small batch is as fast as a
+    big one and keeps memory low.
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        per_tile = tile * tile * max(bytes_per_pixel, in_channels * 4)
+        return int(max(1, min(64, (free // 2) // per_tile)))
+    return 4
+
+
+def _upsample(logits: Any, size: tuple[int, int]) -> Any:
+    from torch.nn import functional as F
+
+    if tuple(logits.shape[-2:]) == size:
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+class Backend:
+    """Common protocol: ``card``, ``device`` and ``__call__(x) -> logits``."""
+
+    card: ModelCard
+    device: str = "cpu"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """float32 (B, C, H, W) -> float32 logits (B, K, H, W)."""
+        with self._lock:
+            return self._forward(x)
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def infer(
+        self,
+        image: np.ndarray | str | Path,
+        *,
+        tile_size: int | None = None,
+        overlap: int | None = None,
+        blend: Any = "hann",
+        batch_size: int = 4,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Class map (H, W) uint8 and confidence (H, W) float32 for an in-memory image.
+
+        ``image`` is a (C, H, W) array of raw values (scaled by the card) or a
+        path to a raster small enough to hold in memory; use
+        :func:`geoseg.predict` for scenes of any size. Pixels GDAL marks as
+        nodata get class 255 and confidence -1.
+        """
+        from ..pipeline import RunOptions, default_overlap, predict_array
+
+        valid = None
+        if not isinstance(image, np.ndarray):
+            from ..io.raster import data_bands, open_raster
+
+            with open_raster(image) as ds:
+                bands = data_bands(ds)
+                arr = ds.read(bands)
+                valid = ds.dataset_mask() > 0
+        else:
+            arr = image if image.ndim == 3 else image[None]
+        if arr.shape[0] != self.card.in_channels:
+            from ..errors import BandCountError
+
+            raise BandCountError(
+                f"image has {arr.shape[0]} bands, model {self.card.name!r} expects "
+                f"{self.card.in_channels}"
+            )
+        tile = tile_size or self.card.tile_size
+        opts = RunOptions(tile, default_overlap(tile) if overlap is None else overlap, blend,
+                          batch_size, confidence=True)
+        out = predict_array(arr, self, opts, valid=valid)
+        assert out.confidence is not None
+        return out.classes, out.confidence
+
+
+class TorchBackend(Backend):
+    """Runs an ``nn.Module`` in eval mode; AMP (fp16 autocast) on CUDA."""
+
+    def __init__(self, module: Any, card: ModelCard, *, device: str = "auto", amp: bool | None = None):
+        super().__init__()
+        import torch
+
+        self.card = card
+        self.device = resolve_device(device)
+        self.amp = self.device.startswith("cuda") if amp is None else bool(amp and self.device != "cpu")
+        self.module = module.to(self.device).eval()
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast("cuda", enabled=self.amp and cuda):
+            y = self.module(t)
+            if isinstance(y, (tuple, list)):
+                y = y[0]
+            y = _upsample(y.float(), tuple(x.shape[-2:]))
+        return y.cpu().numpy()
+
+
+class OnnxBackend(Backend):
+    """Runs an ONNX graph with ONNX Runtime (CUDA provider when on a GPU)."""
+
+    def __init__(self, path: str | Path, card: ModelCard, *, device: str = "auto"):
+        super().__init__()
+        import onnxruntime as ort
+
+        self.card = card
+        self.path = Path(path)
+        available = ort.get_available_providers()
+        want = (device or "auto").lower()
+        if want.startswith("cuda") and "CUDAExecutionProvider" not in available:
+            raise DeviceError(
+                f"device {device!r} requested but onnxruntime has no CUDA provider; "
+                "install onnxruntime-gpu or use --device cpu"
+            )
+        use_cuda = "CUDAExecutionProvider" in available and want != "cpu"
+        self.device = (want if want.startswith("cuda") else "cuda") if use_cuda else "cpu"
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if use_cuda:
+            dev_id = int(want.split(":")[1]) if ":" in want else 0
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": dev_id}))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = os.cpu_count() or 1
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise ModelCardError(f"{self.path} is not a loadable ONNX model: {str(e).splitlines()[0]}") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        c, h, w = inp.shape[1:4]
+        if isinstance(c, int) and c != card.in_channels:
+            raise ModelCardError(
+                f"{self.path.name} takes {c} channels but its card says in_channels={card.in_channels}"
+            )
+        self.fixed_size = (h, w) if isinstance(h, int) and isinstance(w, int) else None
+        if self.fixed_size and self.fixed_size != (card.tile_size, card.tile_size):
+            raise ModelCardError(
+                f"{self.path.name} has a fixed input of {h}x{w} but its card says "
+                f"tile_size={card.tile_size}; set tile_size: {h} in the card"
+            )
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        y = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        if y.shape[-2:] != x.shape[-2:]:
+            y = _upsample(torch.from_numpy(y), tuple(x.shape[-2:])).numpy()
+        return np.asarray(y, dtype=np.float32)

@@ -1,0 +1,172 @@
+"""The model card: the YAML that travels with every model.
+
+See ``docs/model-card.md`` for the schema. The card says how raw raster
+values become model input (``input_scale``, ``mean``, ``std``), which bands
+the model reads, how it must be tiled (``tile_size``, ``pad_multiple``,
+``fixed_size``) and what its outputs mean (``classes``, ``colors``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ..errors import ModelCardError
+
+#: Colours for cards that give none (tab10-like, readable on imagery).
+DEFAULT_COLORS = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model needs to be run and its output read. Units in field docs."""
+
+    name: str
+    classes: tuple[str, ...]
+    in_channels: int
+    bands: tuple[str, ...] | None = None
+    colors: tuple[str, ...] | None = None
+    input_scale: float = 1.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    tile_size: int = 512
+    pad_multiple: int = 32
+    fixed_size: bool = False
+    gsd: float | None = None  # metres per pixel the model was trained at
+    architecture: str | None = None
+    description: str = ""
+    license: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = f"model card {self.name!r}"
+        if not self.classes:
+            raise ModelCardError(f"{where}: 'classes' is empty; list the class names, index = id")
+        if len(self.classes) > 255:
+            raise ModelCardError(f"{where}: {len(self.classes)} classes; at most 255 fit a uint8 map")
+        if self.bands is not None and len(self.bands) != self.in_channels:
+            raise ModelCardError(
+                f"{where}: {len(self.bands)} band names but in_channels={self.in_channels}"
+            )
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if v is not None and len(v) != self.in_channels:
+                raise ModelCardError(
+                    f"{where}: '{key}' has {len(v)} values, expected one per band ({self.in_channels})"
+                )
+        if self.std is not None and min(self.std) <= 0:
+            raise ModelCardError(f"{where}: 'std' values must be > 0")
+        if self.colors is not None and len(self.colors) != len(self.classes):
+            raise ModelCardError(
+                f"{where}: {len(self.colors)} colors for {len(self.classes)} classes"
+            )
+        if self.tile_size <= 0 or self.pad_multiple <= 0 or self.tile_size % self.pad_multiple:
+            raise ModelCardError(
+                f"{where}: tile_size {self.tile_size} must be a positive multiple of "
+                f"pad_multiple {self.pad_multiple}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def palette(self) -> list[tuple[int, int, int]]:
+        """RGB triples, one per class (the card's colours or a default cycle)."""
+        cols = self.colors or tuple(
+            DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(self.num_classes)
+        )
+        return [_hex_to_rgb(c, self.name) for c in cols]
+
+    def normalize(self, raw: np.ndarray) -> np.ndarray:
+        """Raw (C, H, W) values to float32 model input: ``(raw * input_scale - mean) / std``."""
+        x = raw.astype(np.float32, copy=True)
+        if self.input_scale != 1.0:
+            x *= np.float32(self.input_scale)
+        if self.mean is not None:
+            x -= np.asarray(self.mean, np.float32)[:, None, None]
+        if self.std is not None:
+            x /= np.asarray(self.std, np.float32)[:, None, None]
+        return x
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if v is not None}
+        out.update(extra)
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "card") -> ModelCard:
+        if not isinstance(data, dict):
+            raise ModelCardError(f"{source}: expected a YAML mapping, got {type(data).__name__}")
+        d = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        for key in ("name", "classes"):
+            if key not in d:
+                raise ModelCardError(f"{source}: missing required key '{key}'")
+        classes = d["classes"]
+        if isinstance(classes, dict):  # {id: name}, ids 0..K-1
+            try:
+                classes = [classes[i] for i in range(len(classes))]
+            except KeyError:
+                raise ModelCardError(f"{source}: 'classes' ids must be 0..K-1") from None
+        d["classes"] = classes
+        if "in_channels" not in d:
+            if "bands" not in d:
+                raise ModelCardError(f"{source}: give 'bands' (names) or 'in_channels'")
+            d["in_channels"] = len(d["bands"])
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for k, v in d.items():
+            if k in known:
+                kwargs[k] = tuple(v) if isinstance(v, list) else v
+            else:
+                extra[k] = v
+        try:
+            for k in ("input_scale", "gsd"):
+                if kwargs.get(k) is not None:
+                    kwargs[k] = float(kwargs[k])
+            for k in ("mean", "std"):
+                if kwargs.get(k) is not None:
+                    kwargs[k] = tuple(float(x) for x in kwargs[k])
+            for k in ("tile_size", "pad_multiple", "in_channels"):
+                if k in kwargs:
+                    kwargs[k] = int(kwargs[k])
+            kwargs["classes"] = tuple(str(c) for c in kwargs["classes"])
+            return cls(**kwargs, extra=extra)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ModelCardError):
+                raise
+            raise ModelCardError(f"{source}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelCard:
+        p = Path(path)
+        if not p.is_file():
+            raise ModelCardError(f"model card {p} does not exist; pass --card PATH to the card YAML")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ModelCardError(f"model card {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        return cls.from_dict(data, source=f"model card {p}")
+
+
+def _hex_to_rgb(c: str, name: str) -> tuple[int, int, int]:
+    s = str(c).lstrip("#")
+    if len(s) != 6:
+        raise ModelCardError(f"model card {name!r}: colour {c!r} is not '#rrggbb'")
+    try:
+        return int(s[0:2], 16), int(s[2:4], 16), int(s[4:6], 16)
+    except ValueError:
+        raise ModelCardError(f"model card {name!r}: colour {c!r} is not '#rrggbb'") from None

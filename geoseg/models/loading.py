@@ -1,0 +1,156 @@
+"""Find and load a model: a built-in name, an ONNX file, or safetensors + card.
+
+Loading never unpickles: torch weights are read from safetensors only, and
+the architecture is rebuilt from the card's ``architecture`` name through the
+registry, so a checkpoint cannot execute code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelCardError, ModelNotFoundError
+from .backends import Backend, OnnxBackend, TorchBackend
+from .card import ModelCard
+
+WEIGHTS_PACKAGE = "geoseg.weights"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A picklable recipe for loading a model again in another process."""
+
+    model: str
+    card: str | None = None
+    device: str = "auto"
+
+    def load(self) -> Backend:
+        return load_model(self.model, card=self.card, device=self.device)
+
+
+_PROCESS_CACHE: dict[ModelSpec, Backend] = {}
+
+
+def cached_model(spec: ModelSpec) -> Backend:
+    """One loaded model per process and spec (used by dask.distributed workers)."""
+    if spec not in _PROCESS_CACHE:
+        _PROCESS_CACHE[spec] = spec.load()
+    return _PROCESS_CACHE[spec]
+
+
+def builtin_models() -> dict[str, Path]:
+    """Built-in model names -> card paths shipped inside the package."""
+    try:
+        root = resources.files(WEIGHTS_PACKAGE)
+    except ModuleNotFoundError:
+        return {}
+    out = {}
+    for entry in root.iterdir():
+        p = Path(str(entry))
+        if p.suffix == ".yaml" and p.with_suffix(".safetensors").exists():
+            out[p.stem] = p
+    return dict(sorted(out.items()))
+
+
+def _card_beside(path: Path, card: str | Path | ModelCard | None) -> ModelCard:
+    if isinstance(card, ModelCard):
+        return card
+    if card is not None:
+        return ModelCard.load(card)
+    beside = path.with_suffix(".yaml")
+    if not beside.is_file():
+        raise ModelCardError(
+            f"no model card for {path.name}: expected {beside.name} beside it; "
+            "pass --card PATH to the card YAML"
+        )
+    return ModelCard.load(beside)
+
+
+def load_model(
+    model: Any,
+    *,
+    card: str | Path | ModelCard | None = None,
+    device: str = "auto",
+    amp: bool | None = None,
+) -> Backend:
+    """Load a model the predict engine can run.
+
+    ``model`` is a built-in name (see ``geoseg models``), a path to an
+    ``.onnx`` file or a ``.safetensors`` checkpoint (card: the ``.yaml`` with
+    the same stem beside it, or ``card``), a directory holding one of those,
+    a ``torch.nn.Module`` (``card`` required) or an already loaded backend.
+    The result has ``.infer(array_or_path)`` for in-memory use.
+    """
+    if isinstance(model, Backend):
+        return model
+    if not isinstance(model, (str, Path)):
+        if card is None:
+            raise ModelCardError("a torch module needs a card: load_model(module, card=ModelCard(...))")
+        c = card if isinstance(card, ModelCard) else ModelCard.load(card)
+        return TorchBackend(model, c, device=device, amp=amp)
+
+    spec = ModelSpec(str(model), None if card is None or isinstance(card, ModelCard) else str(card), device)
+    path = Path(model)
+    builtins = builtin_models()
+    if not path.exists() and str(model) in builtins:
+        path = builtins[str(model)].with_suffix(".safetensors")
+    if path.is_dir():
+        found = sorted(path.glob("*.onnx")) + sorted(path.glob("*.safetensors"))
+        if not found:
+            raise ModelNotFoundError(f"{path} holds no .onnx or .safetensors model")
+        path = found[0]
+    if not path.exists():
+        names = ", ".join(builtins) or "none installed"
+        raise ModelNotFoundError(
+            f"model {str(model)!r} is neither a file nor a built-in model (built-in: {names})"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        backend: Backend = OnnxBackend(path, _card_beside(path, card), device=device)
+    elif suffix == ".safetensors":
+        backend = _load_safetensors(path, _card_beside(path, card), device=device, amp=amp)
+    elif suffix in (".pt", ".pth", ".ckpt", ".pkl"):
+        raise ModelCardError(
+            f"{path.name} is a pickled checkpoint, which can execute code when loaded; "
+            "save the weights as .safetensors with a card (geoseg export) and load that"
+        )
+    else:
+        raise ModelNotFoundError(f"{path.name}: unknown model format {suffix!r}; use .onnx or .safetensors")
+    backend.spec = spec  # type: ignore[attr-defined]
+    return backend
+
+
+def _load_safetensors(path: Path, card: ModelCard, *, device: str, amp: bool | None) -> Backend:
+    from safetensors.torch import load_file
+
+    from .registry import create_model
+
+    if not card.architecture:
+        raise ModelCardError(
+            f"card for {path.name} has no 'architecture'; add e.g. 'architecture: geoseg-n-sem'"
+        )
+    module = create_model(card.architecture, num_classes=card.num_classes, in_channels=card.in_channels)
+    state = load_file(str(path))
+    own = module.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelCardError(
+            f"{path.name} does not match architecture {card.architecture!r} with "
+            f"{card.num_classes} classes and {card.in_channels} bands: {str(e).splitlines()[0]}"
+        ) from None
+    return TorchBackend(module, card, device=device, amp=amp)
+
+
+def default_model() -> str:
+    """The built-in model ``geoseg predict`` uses when ``--model`` is not given."""
+    found = builtin_models()
+    if not found:
+        raise ModelNotFoundError(
+            "no built-in model is installed; pass --model PATH to a .onnx or .safetensors model"
+        )
+    return "geoseg-landcover-n" if "geoseg-landcover-n" in found else next(iter(found))

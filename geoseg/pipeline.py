@@ -1,0 +1,230 @@
+"""Block -> tiles -> logits -> blend -> class block, eagerly or as a dask graph.
+
+Two paths give the same answer (tested):
+
+* :func:`predict_array` — the reference: one accumulator over a whole
+  in-memory image. Used by ``Model.infer`` on small images.
+* :func:`block_graph` — the streaming path: one dask task per output block
+  runs that block's tiles and returns its accumulator split into the block's
+  own part and the thin ``overlap``-wide strips that belong to the blocks
+  below/right; a second task per block adds the strips it receives and
+  resolves classes. Memory is bounded by the block and batch sizes, never by
+  the scene.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from affine import Affine
+
+from .blend import Blend, accumulate, make_window, resolve
+from .grid import Grid, Layout
+from .models.card import ModelCard
+
+NODATA = 255
+
+
+class Source(Protocol):
+    def read(self, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class Runnable(Protocol):
+    card: ModelCard
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def default_overlap(tile: int) -> int:
+    """Default overlap: 1/8 of the tile (64 px for 512-px tiles)."""
+    return max(16, tile // 8)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options of one prediction, resolved and validated."""
+
+    tile: int
+    overlap: int
+    blend: Blend = "hann"
+    batch_size: int = 4
+    confidence: bool = False
+
+
+@dataclass
+class BlockOut:
+    """What a finished block hands to the writer (plus counters for the summary)."""
+
+    classes: np.ndarray  # (h, w) uint8, NODATA where invalid
+    confidence: np.ndarray | None  # (h, w) float32, -1 where invalid
+    histogram: np.ndarray  # (K + 1,) int64 pixel counts per class, last = nodata
+    tiles_run: int
+    tiles_skipped: int
+
+
+def _run_tiles(model: Runnable, x: np.ndarray, tile_mask: np.ndarray, origins: list[tuple[int, int]],
+               acc: np.ndarray, window: np.ndarray, tile: int, batch_size: int) -> tuple[int, int]:
+    """Run the tiles at local ``origins`` of ``x`` (C, H, W) through ``model`` into ``acc``.
+
+    A tile whose in-raster pixels are all invalid (``tile_mask``) is skipped.
+    Returns (tiles run, tiles skipped).
+    """
+    todo = [(r, c) for r, c in origins if tile_mask[r : r + tile, c : c + tile].any()]
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        xb = np.stack([x[:, r : r + tile, c : c + tile] for r, c in batch])
+        logits = model(xb)
+        for (r, c), lg in zip(batch, logits):
+            accumulate(acc, lg, window, r, c)
+    return len(todo), len(origins) - len(todo)
+
+
+def _prepare(model: Runnable, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Normalise raw values; invalid pixels become 0 (the band mean after normalisation)."""
+    x = model.card.normalize(data)
+    x[:, ~valid] = 0.0
+    return x
+
+
+def _histogram(classes: np.ndarray, k: int) -> np.ndarray:
+    h = np.bincount(classes.ravel(), minlength=256)
+    return np.concatenate([h[:k], h[NODATA : NODATA + 1]]).astype(np.int64)
+
+
+def predict_array(
+    image: np.ndarray,
+    model: Runnable,
+    opts: RunOptions,
+    *,
+    valid: np.ndarray | None = None,
+    pad_multiple: int | None = None,
+) -> BlockOut:
+    """Eager reference path: tile, run and blend a whole (C, H, W) image in memory."""
+    from .io.raster import ArraySource
+
+    card = model.card
+    c, h, w = image.shape
+    layout = Layout.create(Grid((h, w), Affine.identity()), tile=opts.tile, overlap=opts.overlap,
+                           pad_multiple=pad_multiple or card.pad_multiple)
+    nr, nc = layout.tiles
+    s, t = layout.stride, layout.tile
+    src = ArraySource(image, valid)
+    data, ok = src.read(slice(0, (nr - 1) * s + t), slice(0, (nc - 1) * s + t))
+    inside = np.zeros(ok.shape, bool)
+    inside[:h, :w] = True
+    acc = np.zeros((card.num_classes + 1, *ok.shape), np.float32)
+    origins = [(r * s, q * s) for r in range(nr) for q in range(nc)]
+    run, skipped = _run_tiles(model, _prepare(model, data, ok), ok & inside, origins, acc,
+                              make_window(opts.blend, t), t, opts.batch_size)
+    v = ok[:h, :w]
+    classes, conf = resolve(acc[:, :h, :w], v, nodata=NODATA, confidence=opts.confidence)
+    return BlockOut(classes, conf, _histogram(classes, card.num_classes), run, skipped)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def compute_block(source: Source, model_ref: Any, layout: Layout, opts: RunOptions,
+                  i: int, j: int) -> tuple[Any, ...]:
+    """Run block (i, j)'s tiles; return its accumulator split for the neighbours.
+
+    Returns ``(core, valid, bottom, right, corner, run, skipped)`` where
+    ``core`` is (K + 1, h, w) over the block's own pixels and ``bottom``,
+    ``right``, ``corner`` are the overhanging parts for blocks (i + 1, j),
+    (i, j + 1), (i + 1, j + 1), or None past the raster's edge.
+    """
+    model = _resolve_model(model_ref)
+    rows, cols = layout.block_extent(i, j)
+    data, ok = source.read(rows, cols)
+    h, w = layout.grid.shape
+    in_r = np.arange(rows.start, rows.stop) < h
+    in_c = np.arange(cols.start, cols.stop) < w
+    inside = in_r[:, None] & in_c[None, :]
+    acc = np.zeros((model.card.num_classes + 1, *ok.shape), np.float32)
+    origins = [(r - rows.start, c - cols.start) for r, c in layout.block_tiles(i, j)]
+    run, skipped = _run_tiles(model, _prepare(model, data, ok), ok & inside, origins, acc,
+                              make_window(opts.blend, layout.tile), layout.tile, opts.batch_size)
+    br, bc = layout.block_slices(i, j)
+    bh, bw = br.stop - br.start, bc.stop - bc.start
+    # The overhang is clipped to the raster; nothing beyond it is ever written.
+    eh, ew = min(acc.shape[1], h - rows.start), min(acc.shape[2], w - cols.start)
+    core = acc[:, :bh, :bw].copy()
+    bottom = acc[:, bh:eh, :bw].copy() if eh > bh else None
+    right = acc[:, :bh, bw:ew].copy() if ew > bw else None
+    corner = acc[:, bh:eh, bw:ew].copy() if eh > bh and ew > bw else None
+    return core, ok[:bh, :bw].copy(), bottom, right, corner, run, skipped
+
+
+def finish_block(parts: tuple[Any, ...], from_top: np.ndarray | None, from_left: np.ndarray | None,
+                 from_corner: np.ndarray | None, confidence: bool) -> BlockOut:
+    """Add the strips a block receives from its upper/left neighbours and resolve it."""
+    core, valid, _, _, _, run, skipped = parts
+    if from_top is not None:
+        core[:, : from_top.shape[1], :] += from_top
+    if from_left is not None:
+        core[:, :, : from_left.shape[2]] += from_left
+    if from_corner is not None:
+        core[:, : from_corner.shape[1], : from_corner.shape[2]] += from_corner
+    classes, conf = resolve(core, valid, nodata=NODATA, confidence=confidence)
+    return BlockOut(classes, conf, _histogram(classes, core.shape[0] - 1), run, skipped)
+
+
+def _resolve_model(ref: Any) -> Runnable:
+    from .models.loading import ModelSpec, cached_model
+
+    return cached_model(ref) if isinstance(ref, ModelSpec) else ref
+
+
+def block_graph(source: Source, model_ref: Any, layout: Layout,
+                opts: RunOptions) -> dict[tuple[int, int], Any]:
+    """dask.delayed ``BlockOut`` per block (i, j), wired so strips flow to neighbours."""
+    import dask
+
+    computed: dict[tuple[int, int], Any] = {}
+    out: dict[tuple[int, int], Any] = {}
+    for i, j in layout.iter_blocks():
+        computed[i, j] = dask.delayed(compute_block, pure=False, nout=7)(
+            source, model_ref, layout, opts, i, j, dask_key_name=f"geoseg-tiles-{i}-{j}"
+        )
+    for i, j in layout.iter_blocks():
+        top = computed[i - 1, j][2] if i > 0 else None
+        left = computed[i, j - 1][3] if j > 0 else None
+        corner = computed[i - 1, j - 1][4] if i > 0 and j > 0 else None
+        out[i, j] = dask.delayed(finish_block, pure=False)(
+            computed[i, j], top, left, corner, opts.confidence,
+            dask_key_name=f"geoseg-block-{i}-{j}",
+        )
+    return out
+
+
+def run_blocks(graph: dict[tuple[int, int], Any], sink: Callable[[tuple[int, int], BlockOut], Any],
+               *, scheduler: Any = "threads", num_workers: int | None = None) -> None:
+    """Compute every block and hand it to ``sink(ij, block)`` as soon as it is done.
+
+    ``scheduler`` is a dask local scheduler name (``threads``, ``sync``) or a
+    ``distributed.Client``. Locally the sink runs inside the graph, so only
+    the small per-block summaries are held; on a cluster the blocks stream
+    back to this process and the sink writes them here.
+    """
+    import dask
+
+    if isinstance(scheduler, str):
+        sinks = [dask.delayed(_sink_summary, pure=False)(sink, ij, blk) for ij, blk in graph.items()]
+        dask.compute(sinks, scheduler=scheduler, num_workers=num_workers)
+        return
+    from distributed import as_completed
+
+    keys = list(graph)
+    futures = scheduler.compute([graph[k] for k in keys])
+    index = {f.key: k for f, k in zip(futures, keys)}
+    for fut, blk in as_completed(futures, with_results=True):
+        sink(index[fut.key], blk)
+        fut.release()
+
+
+def _sink_summary(sink: Callable[[tuple[int, int], BlockOut], Any], ij: tuple[int, int],
+                  blk: BlockOut) -> None:
+    sink(ij, blk)

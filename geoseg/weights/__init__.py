@@ -1,0 +1,1 @@
+"""Built-in model weights and cards (see `geoseg models`)."""
