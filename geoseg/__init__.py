@@ -14,7 +14,7 @@ __all__ = ["__version__", "load_model", "predict", "create_model", "ModelCard", 
 
 _LAZY = {
     "load_model": ("geoseg.models.loading", "load_model"),
-    "predict": ("geoseg.predict", "predict"),
+    "predict": ("geoseg.api", "predict"),
     "create_model": ("geoseg.models.registry", "create_model"),
     "ModelCard": ("geoseg.models.card", "ModelCard"),
     "Grid": ("geoseg.grid", "Grid"),

@@ -1,10 +1,18 @@
 """Blending windows and the weighted accumulation of tile logits (pure numpy).
 
 Overlapping tiles are merged as ``sum(w * logits) / sum(w)`` per pixel, where
-``w`` is a 2-D window over the tile. Every named window is strictly positive
-at every pixel, the outermost row and column included, so no pixel can end
-with zero weight (a linear or cosine ramp that reaches 0 at the tile edge
-leaves lines of undefined pixels where only one tile reaches).
+``w`` is a 2-D window over the tile. Every window is strictly positive at
+every pixel, the outermost row and column included, so no pixel can end with
+zero weight (a linear or cosine ramp that reaches 0 at the tile edge leaves
+lines of undefined pixels where only one tile reaches).
+
+The outer ``margin`` pixels of a tile are where the network's zero padding
+distorts its logits. There the window is scaled by :data:`MARGIN_WEIGHT`:
+wherever another tile's interior covers the pixel, the margin contributes
+nothing measurable; at the scene's outer edge, covered by one tile only, the
+margin still defines the prediction. The named window shapes the interior
+(``tile - 2 * margin`` pixels), so the overlap minus both margins is where
+neighbouring tiles fade into each other.
 """
 
 from __future__ import annotations
@@ -17,6 +25,9 @@ import numpy as np
 from .errors import ConfigError
 
 WindowFn = Callable[[int], np.ndarray]
+
+#: Relative weight of a tile's margin pixels (see the module docstring).
+MARGIN_WEIGHT = 1e-4
 Blend = Union[str, WindowFn]
 
 
@@ -48,13 +59,18 @@ BLEND_WINDOWS: dict[str, WindowFn] = {
 }
 
 
-def make_window(blend: Blend, tile: int) -> np.ndarray:
+def make_window(blend: Blend, tile: int, margin: int = 0) -> np.ndarray:
     """The (tile, tile) float32 weight window for a named or callable blend.
 
-    A callable receives the tile side and returns either a 1-D profile of
-    length ``tile`` (applied separably, ``outer(p, p)``) or a full
-    ``(tile, tile)`` window. Weights must be finite and > 0 everywhere.
+    A callable receives the interior side ``n = tile - 2 * margin`` and
+    returns either a 1-D profile of length ``n`` (applied separably,
+    ``outer(p, p)``) or a full ``(n, n)`` window; weights must be finite and
+    > 0. The interior is then extended to the margin (edge values) and the
+    margin scaled by :data:`MARGIN_WEIGHT`.
     """
+    if margin < 0 or 2 * margin >= tile:
+        raise ConfigError(f"margin {margin} must be >= 0 and less than half the tile ({tile})")
+    n = tile - 2 * margin
     if isinstance(blend, str):
         try:
             fn = BLEND_WINDOWS[blend]
@@ -68,17 +84,22 @@ def make_window(blend: Blend, tile: int) -> np.ndarray:
         fn, name = blend, getattr(blend, "__name__", "callable")
     else:
         raise ConfigError(f"blend must be a window name or a callable, got {type(blend).__name__}")
-    w = np.asarray(fn(tile), dtype=np.float64)
-    if w.shape == (tile,):
+    w = np.asarray(fn(n), dtype=np.float64)
+    if w.shape == (n,):
         w = np.outer(w, w)
-    if w.shape != (tile, tile):
+    if w.shape != (n, n):
         raise ConfigError(
-            f"blend window {name!r} returned shape {w.shape}; expected ({tile},) or ({tile}, {tile})"
+            f"blend window {name!r} returned shape {w.shape}; expected ({n},) or ({n}, {n})"
         )
     if not np.all(np.isfinite(w)) or np.min(w) <= 0:
         raise ConfigError(
             f"blend window {name!r} has weights <= 0 or non-finite; every pixel needs a weight > 0"
         )
+    if margin:
+        w = np.pad(w, margin, mode="edge")
+        edge = np.full(tile, MARGIN_WEIGHT)
+        edge[margin:-margin] = 1.0
+        w *= np.outer(edge, edge)
     return (w / w.max()).astype(np.float32)
 
 

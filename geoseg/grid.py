@@ -78,7 +78,7 @@ class Grid:
         rows, cols = roi
         r0, r1 = _bounds(rows, self.height)
         c0, c1 = _bounds(cols, self.width)
-        return Grid((r1 - r0, c1 - c0), self.transform * Affine.translation(c0, r0), self.crs)
+        return Grid((r1 - r0, c1 - c0), self.transform @ Affine.translation(c0, r0), self.crs)
 
 
 def _bounds(s: slice, n: int) -> tuple[int, int]:
@@ -157,9 +157,9 @@ class Layout:
         if overlap < 0:
             raise ConfigError(f"overlap must be >= 0, got {overlap}")
         stride = ((tile - overlap) // p) * p
-        if stride <= 0 or tile - stride >= stride:
+        if stride <= 0 or tile - stride > stride:
             raise ConfigError(
-                f"overlap {overlap} is too large for tile size {tile}: it must be smaller than "
+                f"overlap {overlap} is too large for tile size {tile}: it can be at most "
                 f"half the tile (after rounding the stride down to a multiple of {p}); "
                 f"use --overlap {tile // 4}"
             )

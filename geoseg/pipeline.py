@@ -15,7 +15,7 @@ Two paths give the same answer (tested):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -43,6 +43,11 @@ def default_overlap(tile: int) -> int:
     return max(16, tile // 8)
 
 
+def default_margin(overlap: int) -> int:
+    """Default low-weight tile margin: a quarter of the overlap."""
+    return overlap // 4
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """Options of one prediction, resolved and validated."""
@@ -52,6 +57,12 @@ class RunOptions:
     blend: Blend = "hann"
     batch_size: int = 4
     confidence: bool = False
+    margin: int | None = None  # None: default_margin(overlap)
+
+    def window(self) -> np.ndarray:
+        """The (tile, tile) blending window these options describe."""
+        m = default_margin(self.overlap) if self.margin is None else self.margin
+        return make_window(self.blend, self.tile, m)
 
 
 @dataclass
@@ -109,6 +120,7 @@ def predict_array(
     c, h, w = image.shape
     layout = Layout.create(Grid((h, w), Affine.identity()), tile=opts.tile, overlap=opts.overlap,
                            pad_multiple=pad_multiple or card.pad_multiple)
+    opts = replace(opts, tile=layout.tile, overlap=layout.overlap)
     nr, nc = layout.tiles
     s, t = layout.stride, layout.tile
     src = ArraySource(image, valid)
@@ -118,7 +130,7 @@ def predict_array(
     acc = np.zeros((card.num_classes + 1, *ok.shape), np.float32)
     origins = [(r * s, q * s) for r in range(nr) for q in range(nc)]
     run, skipped = _run_tiles(model, _prepare(model, data, ok), ok & inside, origins, acc,
-                              make_window(opts.blend, t), t, opts.batch_size)
+                              opts.window(), t, opts.batch_size)
     v = ok[:h, :w]
     classes, conf = resolve(acc[:, :h, :w], v, nodata=NODATA, confidence=opts.confidence)
     return BlockOut(classes, conf, _histogram(classes, card.num_classes), run, skipped)
@@ -146,7 +158,7 @@ def compute_block(source: Source, model_ref: Any, layout: Layout, opts: RunOptio
     acc = np.zeros((model.card.num_classes + 1, *ok.shape), np.float32)
     origins = [(r - rows.start, c - cols.start) for r, c in layout.block_tiles(i, j)]
     run, skipped = _run_tiles(model, _prepare(model, data, ok), ok & inside, origins, acc,
-                              make_window(opts.blend, layout.tile), layout.tile, opts.batch_size)
+                              opts.window(), layout.tile, opts.batch_size)
     br, bc = layout.block_slices(i, j)
     bh, bw = br.stop - br.start, bc.stop - bc.start
     # The overhang is clipped to the raster; nothing beyond it is ever written.

@@ -29,6 +29,8 @@ def _bands(value: str | None) -> list[int] | None:
 @click.option("--overlap", type=int, help="Overlap between tiles in pixels [default: tile/8].")
 @click.option("--blend", default="hann", show_default=True,
               help="Blending window: hann, triangular, gaussian or mean.")
+@click.option("--margin", type=int,
+              help="Outer tile pixels given almost no weight [default: overlap/4].")
 @click.option("--batch-size", type=int, help="Tiles per forward pass [default: sized to the device].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--scheduler", help="dask.distributed scheduler address [default: local threads].")
@@ -39,11 +41,11 @@ def _bands(value: str | None) -> list[int] | None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
 def predict(src: Path, output: Path | None, model: str | None, card: Path | None,
-            tile_size: int | None, overlap: int | None, blend: str, batch_size: int | None,
+            tile_size: int | None, overlap: int | None, blend: str, margin: int | None, batch_size: int | None,
             device: str, scheduler: str | None, num_workers: int | None, bands: str | None,
             confidence: bool, overwrite: bool, quiet: bool) -> None:
     """Segment SRC (any GDAL raster, any size) into a class COG and friends."""
-    from ..predict import predict as run
+    from ..api import predict as run
     from .report import predict_summary, progress_bar
 
     if model is None:
@@ -52,7 +54,7 @@ def predict(src: Path, output: Path | None, model: str | None, card: Path | None
         model = default_model()
     with progress_bar(quiet, "Predicting") as update:
         result = run(src, output, model=model, card=card, tile_size=tile_size, overlap=overlap,
-                     blend=blend, batch_size=batch_size, device=device, scheduler=scheduler,
+                     blend=blend, margin=margin, batch_size=batch_size, device=device, scheduler=scheduler,
                      num_workers=num_workers, bands=_bands(bands), confidence=confidence,
                      overwrite=overwrite, progress=update)
     if not quiet:

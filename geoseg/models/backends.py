@@ -92,6 +92,7 @@ class Backend:
         tile_size: int | None = None,
         overlap: int | None = None,
         blend: Any = "hann",
+        margin: int | None = None,
         batch_size: int = 4,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Class map (H, W) uint8 and confidence (H, W) float32 for an in-memory image.
@@ -122,7 +123,7 @@ class Backend:
             )
         tile = tile_size or self.card.tile_size
         opts = RunOptions(tile, default_overlap(tile) if overlap is None else overlap, blend,
-                          batch_size, confidence=True)
+                          batch_size, confidence=True, margin=margin)
         out = predict_array(arr, self, opts, valid=valid)
         assert out.confidence is not None
         return out.classes, out.confidence

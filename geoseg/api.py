@@ -19,7 +19,15 @@ from .io.raster import GDAL_CACHEMAX_MB, BlockWriter, RasterSource, class_tags, 
 from .io.styles import paletted_raster_qml, write_text_atomic
 from .models.backends import Backend, auto_batch_size
 from .models.loading import ModelSpec, load_model
-from .pipeline import NODATA, BlockOut, RunOptions, block_graph, default_overlap, run_blocks
+from .pipeline import (
+    NODATA,
+    BlockOut,
+    RunOptions,
+    block_graph,
+    default_margin,
+    default_overlap,
+    run_blocks,
+)
 
 OUTPUT_NAMES = ("classes.tif", "classes.tif.aux.xml", "classes.qml", "confidence.tif", "run.json")
 
@@ -80,6 +88,7 @@ def predict(
     tile_size: int | None = None,
     overlap: int | None = None,
     blend: Any = "hann",
+    margin: int | None = None,
     batch_size: int | None = None,
     device: str = "auto",
     scheduler: Any = None,
@@ -127,11 +136,9 @@ def predict(
         raise ConfigError(f"model {mc.name!r} only accepts {mc.tile_size}-px tiles; drop --tile-size")
     ov = default_overlap(tile) if overlap is None else overlap
     layout = Layout.create(grid, tile=tile, overlap=ov, pad_multiple=mc.pad_multiple)
-    from .blend import make_window
-
-    make_window(blend, layout.tile)  # validate the blend name before any work
     bs = batch_size or auto_batch_size(net.device, layout.tile, mc.in_channels)
-    opts = RunOptions(layout.tile, layout.overlap, blend, bs, confidence)
+    opts = RunOptions(layout.tile, layout.overlap, blend, bs, confidence, margin)
+    opts.window()  # validate the blend and margin before any work
 
     sched, client = _scheduler(scheduler)
     model_ref: Any = net
@@ -210,6 +217,7 @@ def predict(
             "model": getattr(getattr(net, "spec", None), "model", mc.name), "card": str(card) if card else None,
             "tile_size": layout.tile, "overlap": layout.overlap, "stride": layout.stride,
             "block_size": layout.block, "blend": blend if isinstance(blend, str) else repr(blend),
+            "margin": default_margin(layout.overlap) if margin is None else margin,
             "batch_size": bs, "device": net.device, "bands": use, "confidence": confidence,
             "scheduler": sched if isinstance(sched, str) else str(scheduler),
         },

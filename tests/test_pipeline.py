@@ -1,0 +1,138 @@
+"""Parity: tiled == whole image, streaming (dask) == eager; nodata; georeferencing."""
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from torch.nn import functional as F
+
+import geoseg
+from geoseg.grid import Grid, Layout
+from geoseg.io.raster import RasterSource
+from geoseg.pipeline import RunOptions, block_graph, predict_array, run_blocks
+
+from .conftest import shared, smooth_image, write_raster
+
+
+def whole_image_logits(module, x: np.ndarray, multiple: int) -> np.ndarray:
+    """Reference: the model over the whole (reflect-padded) image at once."""
+    c, h, w = x.shape
+    ph, pw = -h % multiple, -w % multiple
+    xp = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="reflect")
+    with torch.inference_mode():
+        y = module(torch.from_numpy(xp)[None])
+        y = F.interpolate(y, size=xp.shape[1:], mode="bilinear", align_corners=False)
+    return y[0, :, :h, :w].numpy()
+
+
+def real_image() -> np.ndarray:
+    """A 3-band real aerial clip when the shared data is here, else correlated noise."""
+    try:
+        path = shared("data/nrcan/new_brunswick_aerial/23322E759967N_clipped_1m_2of2.tif")
+    except pytest.skip.Exception:
+        return smooth_image((3, 300, 280))
+    with rasterio.open(path) as ds:
+        return ds.read([1, 2, 3])
+
+
+@pytest.mark.parametrize("blend", ["hann", "gaussian", "triangular", "mean"])
+def test_tiled_blended_equals_whole_image_inference(cnn_model, blend):
+    image = real_image()
+    ref = whole_image_logits(cnn_model.module, cnn_model.card.normalize(image), 2).argmax(0)
+    # overlap 32 > the model's 13-px receptive field
+    out = predict_array(image, cnn_model, RunOptions(tile=64, overlap=32, blend=blend))
+    inner = (slice(16, -16), slice(16, -16))
+    agree = (out.classes[inner] == ref[inner]).mean()
+    assert agree >= 0.999, agree
+    assert out.tiles_skipped == 0 and (out.classes != 255).all()
+
+
+def stream(path, model, tile, overlap, *, confidence=True, scheduler="sync", block_target=2048):
+    with rasterio.open(path) as ds:
+        grid = Grid.from_rio(ds)
+        bands = tuple(ds.indexes)
+    layout = Layout.create(grid, tile=tile, overlap=overlap, pad_multiple=model.card.pad_multiple,
+                           block_target=block_target)
+    opts = RunOptions(layout.tile, layout.overlap, "hann", 3, confidence)
+    classes = np.full(grid.shape, 254, np.uint8)
+    conf = np.zeros(grid.shape, np.float32)
+    counts = {"run": 0, "skipped": 0, "blocks": 0}
+
+    def sink(ij, blk):
+        r, c = layout.block_slices(*ij)
+        classes[r, c] = blk.classes
+        if blk.confidence is not None:
+            conf[r, c] = blk.confidence
+        counts["run"] += blk.tiles_run
+        counts["skipped"] += blk.tiles_skipped
+        counts["blocks"] += 1
+
+    run_blocks(block_graph(RasterSource(str(path), bands), model, layout, opts), sink, scheduler=scheduler)
+    return classes, conf, counts, layout
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_streaming_blocks_equal_the_eager_path(tmp_path, cnn_model, scheduler):
+    image = smooth_image((3, 301, 419), seed=3)
+    path = write_raster(tmp_path / "s.tif", image)
+    # small blocks so that many block edges (and strips) cross the scene
+    classes, conf, counts, layout = stream(path, cnn_model, 64, 16, scheduler=scheduler, block_target=96)
+    assert layout.blocks[0] * layout.blocks[1] >= 9
+    eager = predict_array(image, cnn_model, RunOptions(64, 16, "hann", 3, True))
+    assert np.array_equal(classes, eager.classes)
+    np.testing.assert_allclose(conf, eager.confidence, rtol=1e-5, atol=1e-6)
+    assert counts["run"] == eager.tiles_run == layout.tiles[0] * layout.tiles[1]
+
+
+def test_yolo_family_runs_through_the_engine(tmp_path, yolo_checkpoint):
+    model = geoseg.load_model(yolo_checkpoint, device="cpu")
+    image = smooth_image((3, 200, 170), seed=4)
+    path = write_raster(tmp_path / "y.tif", image)
+    classes, conf, _, _ = stream(path, model, 128, 32, block_target=96)
+    eager = predict_array(image, model, RunOptions(128, 32, "hann", 3, True))
+    assert np.array_equal(classes, eager.classes)
+    assert ((conf >= 1 / 3 - 1e-6) & (conf <= 1 + 1e-6)).all()
+
+
+def test_nodata_is_respected_and_empty_tiles_are_skipped(tmp_path, cnn_model):
+    image = smooth_image((3, 256, 256), seed=5)
+    image[:, :, :130] = 0  # left half is nodata: tiles entirely inside it never run
+    image[:, 200:210, 200:210] = 0  # a hole inside valid data
+    path = write_raster(tmp_path / "n.tif", image, nodata=0)
+    classes, conf, counts, layout = stream(path, cnn_model, 64, 16, block_target=96)
+    nod = (image == 0).all(axis=0)
+    assert (classes[nod] == 255).all() and (conf[nod] == -1).all()
+    assert (classes[~nod] < 4).all()
+    assert counts["skipped"] > 0
+    assert counts["run"] + counts["skipped"] == layout.tiles[0] * layout.tiles[1]
+    eager = predict_array(image, cnn_model, RunOptions(64, 16, "hann", 3), valid=~nod)
+    assert eager.tiles_skipped == counts["skipped"]
+    assert np.array_equal(classes, eager.classes)
+
+
+def test_predict_preserves_crs_and_transform_exactly(tmp_path, cnn_model):
+    from affine import Affine
+
+    t = Affine(0.123456789, 0.0, 612345.6789, 0.0, -0.123456789, 4567890.12345)
+    path = write_raster(tmp_path / "g.tif", smooth_image((3, 150, 130)), crs="EPSG:2953", transform=t)
+    res = geoseg.predict(path, tmp_path / "out", model=cnn_model, confidence=True)
+    for name in ("classes.tif", "confidence.tif"):
+        with rasterio.open(res.output / name) as ds, rasterio.open(path) as src:
+            assert ds.crs == src.crs and ds.transform == src.transform and ds.shape == src.shape
+    with rasterio.open(res.output / "classes.tif") as ds:
+        assert ds.dtypes[0] == "uint8" and ds.nodata == 255
+        assert ds.colormap(1)[0][:3] == tuple(int(cnn_model.card.palette()[0][i]) for i in range(3))
+        assert ds.overviews(1) == [] or ds.overviews(1)[0] == 2
+        assert ds.tags()["GEOSEG_CLASSES"] == '["a", "b", "c", "d"]'
+
+
+def test_infer_matches_predict_for_in_memory_images(tmp_path, cnn_model):
+    image = smooth_image((3, 120, 140), seed=6)
+    classes, conf = cnn_model.infer(image)
+    path = write_raster(tmp_path / "i.tif", image)
+    res = geoseg.predict(path, tmp_path / "o", model=cnn_model)
+    with rasterio.open(res.output / "classes.tif") as ds:
+        assert np.array_equal(ds.read(1), classes)
+    assert conf.shape == classes.shape and conf.dtype == np.float32
+    c2, _ = cnn_model.infer(path)
+    assert np.array_equal(c2, classes)
