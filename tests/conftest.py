@@ -37,12 +37,13 @@ def system_gdal_python() -> str | None:
 
 
 def write_raster(path: Path, data: np.ndarray, *, crs: str = "EPSG:32633",
-                 transform: Affine | None = None, nodata: float | None = None) -> Path:
+                 transform: Affine | None = None, nodata: float | None = None,
+                 **profile) -> Path:
     """Write a (C, H, W) array as a GeoTIFF with a real CRS."""
     c, h, w = data.shape
     transform = transform or Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 5400000.0)
     with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=c, dtype=data.dtype,
-                       crs=crs, transform=transform, nodata=nodata) as ds:
+                       crs=crs, transform=transform, nodata=nodata, **profile) as ds:
         ds.write(data)
     return path
 
