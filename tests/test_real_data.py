@@ -48,7 +48,7 @@ def test_ukis_csmask_onnx_on_landsat(tmp_path):
 
 @pytest.mark.slow
 def test_alpha_band_is_a_mask_not_data(tmp_path, yolo_checkpoint):
-    drone = shared("data/drone/dummy_fotomap_small.tif")
+    drone = shared("data/rasterio/RGBA.byte.tif")  # Landsat RGB + alpha, 0 outside the scene
     res = geoseg.predict(drone, tmp_path / "d", model=yolo_checkpoint, device="cpu")
     with rasterio.open(drone) as src, rasterio.open(res.output / "classes.tif") as ds:
         alpha_invalid = src.dataset_mask() == 0
