@@ -138,7 +138,7 @@ class Layout:
         tile: int,
         overlap: int,
         pad_multiple: int = 1,
-        block_target: int = 2048,
+        block_target: int = 1024,
     ) -> Layout:
         """Choose a valid layout.
 
@@ -164,9 +164,10 @@ class Layout:
                 f"use --overlap {tile // 4}"
             )
         step = _TIFF_TILE_QUANTUM // math.gcd(stride, _TIFF_TILE_QUANTUM)
-        candidates = range(step, max(step, 4 * block_target // stride) + step, step)
-        aligned = [n for n in candidates if (n * stride) % 512 == 0 and n * stride <= 2 * block_target]
-        pool = aligned or list(candidates)
+        candidates = list(range(step, max(step, 2 * block_target // stride) + step, step))
+        near = [n for n in candidates if block_target / 2 <= n * stride <= 1.5 * block_target]
+        aligned = [n for n in near if (n * stride) % 512 == 0]
+        pool = aligned or candidates
         n = min(pool, key=lambda k: abs(k * stride - block_target))
         return cls(grid, tile, tile - stride, n)
 

@@ -1,0 +1,155 @@
+"""Predict-engine benchmarks; prints markdown tables for docs/benchmarks.md.
+
+    python benchmarks/bench_predict.py overhead   # (a) end-to-end vs model-only throughput
+    python benchmarks/bench_predict.py memory     # (b) peak RSS, 4k^2 vs 32k^2 real-imagery mosaics
+    python benchmarks/bench_predict.py ukis       # (c) vs ukis-csmask's own tiled inference, 8k^2
+
+Needs ../shared (real imagery, the ukis-csmask ONNX model); (c) needs
+``pip install ukis-csmask``. Figures are ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+
+from common import OUT, REPO, SHARED, machine, mosaic_vrt, need, run_measured, table
+
+DRONE = SHARED / "data" / "drone" / "dummy_fotomap_small.tif"
+LANDSAT = SHARED / "data" / "landsat" / "L7_ETMs.tif"
+UKIS = SHARED / "models" / "ukis-csmask" / "model_6b_l1c.onnx"
+UKIS_CARD = REPO / "data" / "cards" / "ukis-csmask-6b-l1c.yaml"
+
+
+def yolo_checkpoint() -> Path:
+    """geoseg-n-sem with seeded random weights (speed and memory do not depend on training)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from geoseg.models.card import ModelCard
+    from geoseg.models.registry import create_model
+
+    path = OUT / "geoseg-n-sem-bench.safetensors"
+    if not path.exists():
+        torch.manual_seed(0)
+        m = create_model("geoseg-n-sem", num_classes=5, in_channels=3)
+        OUT.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+        ModelCard(name="geoseg-n-sem-bench", classes=("a", "b", "c", "d", "e"), in_channels=3,
+                  input_scale=1 / 255, mean=(0.5,) * 3, std=(0.25,) * 3, tile_size=512,
+                  pad_multiple=32, architecture="geoseg-n-sem").save(path.with_suffix(".yaml"))
+    return path
+
+
+def overhead() -> None:
+    """(a) Wall time of geoseg.predict vs the model's forward passes alone on the same tiles."""
+    import geoseg
+    from geoseg.grid import Grid, Layout
+    from geoseg.io.raster import RasterSource
+
+    rows = []
+    cases = [
+        ("geoseg-n-sem (torch), RGB drone mosaic", need(DRONE), [1, 2, 3], yolo_checkpoint(), None, 512, 64),
+        ("ukis-csmask U-Net (ONNX), Landsat mosaic", need(LANDSAT), None, need(UKIS), UKIS_CARD, 256, 64),
+    ]
+    for label, src, bands, model_path, card, tile, overlap in cases:
+        with rasterio.open(src) as ds:
+            nb = bands or list(ds.indexes)
+        scene = mosaic_vrt(src, OUT / f"overhead-{src.stem}-4096.vrt", 4096, nb)
+        model = geoseg.load_model(model_path, card=card, device="cpu")
+        bs = 4
+        geoseg.predict(scene, OUT / "warmup", model=model, tile_size=tile, overlap=overlap,
+                       batch_size=bs, overwrite=True)  # warm caches and threads
+        t = time.perf_counter()
+        res = geoseg.predict(scene, OUT / "overhead", model=model, tile_size=tile, overlap=overlap,
+                             batch_size=bs, overwrite=True)
+        e2e = time.perf_counter() - t
+        infer = res.timings["inference_s"]
+        # The same tiles, already in memory and normalised: the model's forward passes only.
+        with rasterio.open(scene) as ds:
+            grid = Grid.from_rio(ds)
+        layout = Layout.create(grid, tile=tile, overlap=overlap, pad_multiple=model.card.pad_multiple)
+        source = RasterSource(str(scene), tuple(nb))
+        tiles = []
+        for i, j in layout.iter_blocks():
+            rr, cc = layout.block_extent(i, j)
+            data, _ = source.read(rr, cc)
+            x = model.card.normalize(data)
+            for r0, c0 in layout.block_tiles(i, j):
+                r, c = r0 - rr.start, c0 - cc.start
+                tiles.append(x[:, r : r + tile, c : c + tile])
+        assert len(tiles) == res.tiles_run
+        t = time.perf_counter()
+        for k in range(0, len(tiles), bs):
+            model(np.stack(tiles[k : k + bs]))
+        fwd = time.perf_counter() - t
+        mpix = res.pixels / 1e6
+        rows.append({
+            "model, scene (4096²)": label, "tiles": res.tiles_run,
+            "model-only s": fwd, "predict s (tiles→blocks)": infer, "predict s (incl. COG)": e2e,
+            "MPix/s": mpix / e2e,
+            "ratio (blocks)": fwd / infer, "ratio (incl. COG)": fwd / e2e,
+        })
+        del tiles
+    print(table(rows))
+
+
+def memory() -> None:
+    """(b) Peak RSS of `geoseg predict` on 4k² and 32k² mosaics of a real orthophoto."""
+    ckpt = yolo_checkpoint()
+    rows = []
+    for size in (4096, 32768):
+        scene = mosaic_vrt(need(DRONE), OUT / f"drone-{size}.vrt", size, [1, 2, 3])
+        wall, rss = run_measured([sys.executable, "-m", "geoseg", "predict", str(scene), "-o",
+                                  str(OUT / f"mem-{size}"), "--model", str(ckpt), "--device", "cpu",
+                                  "--overwrite", "-q"])
+        rows.append({"scene": f"{size}² ({size * size / 1e6:.0f} MPix)", "wall s": wall,
+                     "MPix/s": size * size / 1e6 / wall, "peak RSS MiB": rss})
+    rows.append({"scene": "ratio 32k / 4k", "wall s": rows[1]["wall s"] / rows[0]["wall s"],
+                 "MPix/s": "", "peak RSS MiB": rows[1]["peak RSS MiB"] / rows[0]["peak RSS MiB"]})
+    print(table(rows))
+
+
+def ukis() -> None:
+    """(c) The same ONNX model: ukis-csmask's tiled inference vs geoseg predict, 8k² Landsat mosaic."""
+    size, overlap_px, batch = 8192, 64, 4
+    scene = mosaic_vrt(need(LANDSAT), OUT / f"landsat-{size}.vrt", size, [1, 2, 3, 4, 5, 6])
+    peer_out = OUT / "ukis-classes.npy"
+    w_peer, rss_peer = run_measured([sys.executable, str(Path(__file__).with_name("ukis_peer.py")),
+                                     str(scene), str(peer_out), str(overlap_px / 256), str(batch)])
+    w_ours, rss_ours = run_measured([sys.executable, "-m", "geoseg", "predict", str(scene), "-o",
+                                     str(OUT / "ukis-geoseg"), "--model", str(need(UKIS)), "--card",
+                                     str(UKIS_CARD), "--overlap", str(overlap_px), "--batch-size",
+                                     str(batch), "--device", "cpu", "--overwrite", "-q"])
+    with rasterio.open(OUT / "ukis-geoseg" / "classes.tif") as ds:
+        ours = ds.read(1)
+    peer = np.load(peer_out)
+    agree = float((ours == peer).mean())
+    mpix = size * size / 1e6
+    rows = [
+        {"tool": "ukis-csmask 1.0.0 (tile 256, overlap 64, batch 4)", "wall s": w_peer,
+         "MPix/s": mpix / w_peer, "peak RSS MiB": rss_peer},
+        {"tool": "geoseg predict (tile 256, overlap 64, batch 4)", "wall s": w_ours,
+         "MPix/s": mpix / w_ours, "peak RSS MiB": rss_ours},
+        {"tool": "geoseg / ukis", "wall s": w_ours / w_peer, "MPix/s": w_peer / w_ours,
+         "peak RSS MiB": rss_ours / rss_peer},
+    ]
+    print(table(rows))
+    print(f"\npixel agreement: {100 * agree:.3f} % of {ours.size:,} pixels")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", choices=["overhead", "memory", "ukis", "all"])
+    which = ap.parse_args().which
+    print(f"machine: {machine()}\n")
+    for name, fn in (("overhead", overhead), ("memory", memory), ("ukis", ukis)):
+        if which in (name, "all"):
+            print(f"## {name}\n")
+            fn()
+            print()
