@@ -42,9 +42,10 @@ def cli() -> None:
 def _register() -> None:
     from .models_cmd import models
     from .predict_cmd import predict
+    from .train_cmd import export, train, val
 
-    cli.add_command(predict)
-    cli.add_command(models)
+    for cmd in (predict, models, train, val, export):
+        cli.add_command(cmd)
 
 
 _register()

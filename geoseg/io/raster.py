@@ -24,7 +24,7 @@ from ..errors import InputNotFoundError, NotARasterError
 from ..grid import Grid, reflect_index
 
 #: GDAL block cache while writing; keeps the COG conversion's memory flat.
-GDAL_CACHEMAX_MB = 256
+GDAL_CACHEMAX_MB = 64
 
 
 def open_raster(path: str | Path) -> Any:

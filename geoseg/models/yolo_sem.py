@@ -221,7 +221,7 @@ class YoloSem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h, w = x.shape[-2:]
-        if h % 32 or w % 32:
+        if not torch.jit.is_tracing() and (h % 32 or w % 32):
             raise ValueError(
                 f"Wrong input shape height={h}, width={w}. Expected image height and width "
                 f"divisible by 32. Consider pad your images to shape "

@@ -1,0 +1,132 @@
+"""Evaluation through the predict engine, so validation measures what predict produces.
+
+* :func:`evaluate_dataset` — every image of a split at native resolution,
+  tiled and blended exactly as ``geoseg predict`` does.
+* :func:`evaluate_scene` — a whole raster against a reference (label raster or
+  vector labels), the confusion matrix streamed block by block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..grid import Grid, Layout
+from ..pipeline import RunOptions, block_graph, default_overlap, predict_array, run_blocks
+from .data import DatasetSpec, mask_path, read_image, remap, split_images
+from .metrics import IGNORE, ConfusionMatrix
+
+
+def evaluate_dataset(model: Any, spec: DatasetSpec, split: str = "val", *, tile: int | None = None,
+                     overlap: int | None = None, batch_size: int = 4,
+                     progress: Callable[[int, int], None] | None = None) -> ConfusionMatrix:
+    """Confusion matrix of ``model`` over an image/mask split."""
+    if spec.kind != "masks":
+        return _evaluate_geo(model, spec, split, tile=tile, overlap=overlap, batch_size=batch_size)
+    if spec.num_classes != model.card.num_classes:
+        raise ConfigError(
+            f"the dataset has {spec.num_classes} classes, the model {model.card.num_classes}"
+        )
+    t = tile or model.card.tile_size
+    opts = RunOptions(t, default_overlap(t) if overlap is None else overlap, "hann", batch_size)
+    cm = ConfusionMatrix(spec.num_classes)
+    paths = split_images(spec, split)
+    for n, p in enumerate(paths, 1):
+        img = read_image(p)[: model.card.in_channels]
+        truth = remap(read_image(mask_path(spec, p))[0], spec.label_mapping)
+        cm.update(predict_array(img, model, opts).classes, truth)
+        if progress:
+            progress(n, len(paths))
+    return cm
+
+
+def _evaluate_geo(model: Any, spec: DatasetSpec, split: str, *, tile: int | None,
+                  overlap: int | None, batch_size: int) -> ConfusionMatrix:
+    cm = ConfusionMatrix(spec.num_classes)
+    for p in split_images(spec, split):
+        cm.merge(evaluate_scene(model, p, spec.labels, class_field=spec.class_field,
+                                label_mapping=spec.label_mapping, tile=tile, overlap=overlap,
+                                batch_size=batch_size))
+    return cm
+
+
+def evaluate_scene(model: Any, scene: str | Path, reference: str | Path | None, *,
+                   class_field: str | None = None, label_mapping: dict[Any, int] | None = None,
+                   tile: int | None = None, overlap: int | None = None, batch_size: int = 4,
+                   scheduler: Any = "threads") -> ConfusionMatrix:
+    """Stream a confusion matrix over a whole raster; memory bounded by the block size.
+
+    ``reference`` is a label raster on the same grid (class ids, 255 ignored)
+    or vector labels (GPKG/GeoJSON) with ``class_field``, rasterized per
+    block in the scene's CRS; unlabelled pixels are ignored.
+    """
+    import rasterio
+
+    from ..io.raster import RasterSource, data_bands, open_raster
+
+    if reference is None:
+        raise ConfigError("scene evaluation needs --reference labels.tif or labels.gpkg")
+    ref = Path(reference)
+    if not ref.exists():
+        raise ConfigError(f"reference {ref} does not exist")
+    with open_raster(scene) as ds:
+        grid = Grid.from_rio(ds)
+        bands = data_bands(ds)
+    t = tile or model.card.tile_size
+    layout = Layout.create(grid, tile=t, overlap=default_overlap(t) if overlap is None else overlap,
+                           pad_multiple=model.card.pad_multiple)
+    opts = RunOptions(layout.tile, layout.overlap, "hann", batch_size)
+    reader = _reference_reader(ref, grid, class_field, label_mapping or {})
+    cm = ConfusionMatrix(model.card.num_classes)
+
+    def sink(ij: tuple[int, int], blk: Any) -> None:
+        rows, cols = layout.block_slices(*ij)
+        cm.update(blk.classes, reader(rows, cols))
+
+    with rasterio.Env():
+        run_blocks(block_graph(RasterSource(str(scene), tuple(bands)), model, layout, opts), sink,
+                   scheduler=scheduler)
+    return cm
+
+
+def _reference_reader(ref: Path, grid: Grid, class_field: str | None,
+                      mapping: dict[Any, int]) -> Callable[[slice, slice], np.ndarray]:
+    import rasterio
+    from rasterio.windows import Window
+
+    if ref.suffix.lower() in (".tif", ".tiff", ".vrt", ".img"):
+        with rasterio.open(ref) as ds:
+            if (ds.height, ds.width) != grid.shape or ds.transform != grid.transform:
+                raise ConfigError(f"reference {ref.name} is not on the scene's grid; resample it first")
+
+        def read_raster(rows: slice, cols: slice) -> np.ndarray:
+            with rasterio.open(ref) as ds:
+                win = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
+                return remap(ds.read(1, window=win).astype(np.uint8), mapping)
+
+        return read_raster
+
+    import pyogrio
+    from rasterio.features import rasterize
+
+    if class_field is None:
+        raise ConfigError("vector labels need a class field: pass --class-field NAME")
+    gdf = pyogrio.read_dataframe(ref)
+    if class_field not in gdf.columns:
+        raise ConfigError(f"{ref.name} has no field {class_field!r}")
+    if grid.crs is not None and gdf.crs is not None and gdf.crs != grid.crs:
+        gdf = gdf.to_crs(grid.crs)
+    str_map = {str(k): int(v) for k, v in mapping.items()}
+    ids = [str_map.get(str(v), IGNORE) if str_map else int(v) for v in gdf[class_field]]
+    shapes = [(g, i) for g, i in zip(gdf.geometry, ids) if i != IGNORE and g is not None]
+
+    def read_vector(rows: slice, cols: slice) -> np.ndarray:
+        sub = grid[rows, cols]
+        return rasterize(shapes, out_shape=sub.shape, transform=sub.transform, fill=IGNORE,
+                         dtype="uint8") if shapes else np.full(sub.shape, IGNORE, np.uint8)
+
+    return read_vector
