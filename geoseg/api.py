@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,10 +24,9 @@ from .pipeline import (
     NODATA,
     BlockOut,
     RunOptions,
-    block_graph,
     default_margin,
     default_overlap,
-    run_blocks,
+    stream_blocks,
 )
 
 OUTPUT_NAMES = ("classes.tif", "classes.tif.aux.xml", "classes.qml", "confidence.tif", "run.json")
@@ -64,7 +64,7 @@ def _check_outputs(out: Path, names: Sequence[str], overwrite: bool) -> None:
 
 
 def _scheduler(scheduler: Any) -> tuple[Any, Any]:
-    """(scheduler for run_blocks, client to close or None)."""
+    """(scheduler for stream_blocks, client to close or None)."""
     if scheduler in (None, "threads", "local"):
         return "threads", None
     if scheduler == "sync":
@@ -167,25 +167,24 @@ def predict(
     total = layout.blocks[0] * layout.blocks[1]
     state = {"done": 0, "run": 0, "skipped": 0, "hist": np.zeros(mc.num_classes + 1, np.int64)}
 
+    lock = threading.Lock()
+
     def sink(ij: tuple[int, int], blk: BlockOut) -> None:
         rows, cols = layout.block_slices(*ij)
         writers["classes"].write(rows, cols, blk.classes)
         if blk.confidence is not None:
             writers["confidence"].write(rows, cols, blk.confidence)
-        state["run"] += blk.tiles_run
-        state["skipped"] += blk.tiles_skipped
-        state["hist"] += blk.histogram
-        state["done"] += 1
-        if progress:
-            progress(state["done"], total)
+        with lock:
+            _count(state, blk, total, progress)
 
     t_setup = time.perf_counter()
+
     import rasterio
 
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX_MB):
         try:
-            graph = block_graph(source, model_ref, layout, opts)
-            run_blocks(graph, sink, scheduler=sched, num_workers=num_workers)
+            stream_blocks(source, model_ref, layout, opts, sink, scheduler=sched,
+                          num_workers=num_workers)
             t_infer = time.perf_counter()
             writers["classes"].finish(resampling="mode", category_names=list(mc.classes))
             if "confidence" in writers:
@@ -231,6 +230,16 @@ def predict(
     }
     write_text_atomic(out / "run.json", json.dumps(run, indent=2))
     return result
+
+
+def _count(state: dict[str, Any], blk: BlockOut, total: int,
+           progress: Callable[[int, int], None] | None) -> None:
+    state["run"] += blk.tiles_run
+    state["skipped"] += blk.tiles_skipped
+    state["hist"] += blk.histogram
+    state["done"] += 1
+    if progress:
+        progress(state["done"], total)
 
 
 def _versions() -> dict[str, str]:

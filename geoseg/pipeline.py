@@ -138,15 +138,20 @@ def predict_array(
 
 # --------------------------------------------------------------------------- streaming
 
+Sink = Callable[[tuple[int, int], BlockOut], Any]
+Strips = tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]
 
-def compute_block(source: Source, model_ref: Any, layout: Layout, opts: RunOptions,
-                  i: int, j: int) -> tuple[Any, ...]:
-    """Run block (i, j)'s tiles; return its accumulator split for the neighbours.
 
-    Returns ``(core, valid, bottom, right, corner, run, skipped)`` where
-    ``core`` is (K + 1, h, w) over the block's own pixels and ``bottom``,
-    ``right``, ``corner`` are the overhanging parts for blocks (i + 1, j),
-    (i, j + 1), (i + 1, j + 1), or None past the raster's edge.
+def process_block(source: Source, model_ref: Any, layout: Layout, opts: RunOptions, i: int, j: int,
+                  from_top: np.ndarray | None, from_left: np.ndarray | None,
+                  from_corner: np.ndarray | None, sink: Sink | None = None) -> tuple[Any, Strips]:
+    """Run block (i, j)'s tiles, add the strips its upper/left neighbours sent, resolve it.
+
+    Returns ``(out, (bottom, right, corner))``: ``out`` is the block's
+    :class:`BlockOut` (or None when ``sink`` consumed it here) and the strips
+    are this block's overhang for blocks (i + 1, j), (i, j + 1) and
+    (i + 1, j + 1), or None past the raster's edge. Each strip is
+    ``(K + 1, overlap, ·)`` float32: weighted logits and weights.
     """
     model = _resolve_model(model_ref)
     rows, cols = layout.block_extent(i, j)
@@ -159,29 +164,23 @@ def compute_block(source: Source, model_ref: Any, layout: Layout, opts: RunOptio
     origins = [(r - rows.start, c - cols.start) for r, c in layout.block_tiles(i, j)]
     run, skipped = _run_tiles(model, _prepare(model, data, ok), ok & inside, origins, acc,
                               opts.window(), layout.tile, opts.batch_size)
+    del data
+    for strip in (from_top, from_left, from_corner):
+        if strip is not None:
+            acc[:, : strip.shape[1], : strip.shape[2]] += strip
     br, bc = layout.block_slices(i, j)
     bh, bw = br.stop - br.start, bc.stop - bc.start
     # The overhang is clipped to the raster; nothing beyond it is ever written.
     eh, ew = min(acc.shape[1], h - rows.start), min(acc.shape[2], w - cols.start)
-    core = acc[:, :bh, :bw].copy()
     bottom = acc[:, bh:eh, :bw].copy() if eh > bh else None
     right = acc[:, :bh, bw:ew].copy() if ew > bw else None
     corner = acc[:, bh:eh, bw:ew].copy() if eh > bh and ew > bw else None
-    return core, ok[:bh, :bw].copy(), bottom, right, corner, run, skipped
-
-
-def finish_block(parts: tuple[Any, ...], from_top: np.ndarray | None, from_left: np.ndarray | None,
-                 from_corner: np.ndarray | None, confidence: bool) -> BlockOut:
-    """Add the strips a block receives from its upper/left neighbours and resolve it."""
-    core, valid, _, _, _, run, skipped = parts
-    if from_top is not None:
-        core[:, : from_top.shape[1], :] += from_top
-    if from_left is not None:
-        core[:, :, : from_left.shape[2]] += from_left
-    if from_corner is not None:
-        core[:, : from_corner.shape[1], : from_corner.shape[2]] += from_corner
-    classes, conf = resolve(core, valid, nodata=NODATA, confidence=confidence)
-    return BlockOut(classes, conf, _histogram(classes, core.shape[0] - 1), run, skipped)
+    classes, conf = resolve(acc[:, :bh, :bw], ok[:bh, :bw], nodata=NODATA, confidence=opts.confidence)
+    out = BlockOut(classes, conf, _histogram(classes, model.card.num_classes), run, skipped)
+    if sink is not None:
+        sink((i, j), out)
+        return None, (bottom, right, corner)
+    return out, (bottom, right, corner)
 
 
 def _resolve_model(ref: Any) -> Runnable:
@@ -190,53 +189,40 @@ def _resolve_model(ref: Any) -> Runnable:
     return cached_model(ref) if isinstance(ref, ModelSpec) else ref
 
 
-def block_graph(source: Source, model_ref: Any, layout: Layout,
-                opts: RunOptions) -> dict[tuple[int, int], Any]:
-    """dask.delayed ``BlockOut`` per block (i, j), wired so strips flow to neighbours."""
-    import dask
+def stream_blocks(source: Source, model_ref: Any, layout: Layout, opts: RunOptions, sink: Sink, *,
+                  scheduler: Any = "threads", num_workers: int | None = None) -> None:
+    """Compute every block through dask and hand each to ``sink(ij, block)`` once.
 
-    computed: dict[tuple[int, int], Any] = {}
-    out: dict[tuple[int, int], Any] = {}
-    for i, j in layout.iter_blocks():
-        computed[i, j] = dask.delayed(compute_block, pure=False, nout=7)(
-            source, model_ref, layout, opts, i, j, dask_key_name=f"geoseg-tiles-{i}-{j}"
-        )
-    for i, j in layout.iter_blocks():
-        top = computed[i - 1, j][2] if i > 0 else None
-        left = computed[i, j - 1][3] if j > 0 else None
-        corner = computed[i - 1, j - 1][4] if i > 0 and j > 0 else None
-        out[i, j] = dask.delayed(finish_block, pure=False)(
-            computed[i, j], top, left, corner, opts.confidence,
-            dask_key_name=f"geoseg-block-{i}-{j}",
-        )
-    return out
-
-
-def run_blocks(graph: dict[tuple[int, int], Any], sink: Callable[[tuple[int, int], BlockOut], Any],
-               *, scheduler: Any = "threads", num_workers: int | None = None) -> None:
-    """Compute every block and hand it to ``sink(ij, block)`` as soon as it is done.
+    Block (i, j) is one task that depends on the strips of blocks (i - 1, j),
+    (i, j - 1) and (i - 1, j - 1), so blocks run as a wavefront and only the
+    thin strips (and, on a cluster, finished class blocks) wait in memory;
+    no accumulator outlives its task, whatever the scheduler's ordering.
 
     ``scheduler`` is a dask local scheduler name (``threads``, ``sync``) or a
-    ``distributed.Client``. Locally the sink runs inside the graph, so only
-    the small per-block summaries are held; on a cluster the blocks stream
-    back to this process and the sink writes them here.
+    ``distributed.Client``. Locally the sink runs inside each task; on a
+    cluster the class blocks stream back to this process, which runs the sink.
     """
     import dask
 
-    if isinstance(scheduler, str):
-        sinks = [dask.delayed(_sink_summary, pure=False)(sink, ij, blk) for ij, blk in graph.items()]
-        dask.compute(sinks, scheduler=scheduler, num_workers=num_workers)
+    local = isinstance(scheduler, str)
+    tasks: dict[tuple[int, int], Any] = {}
+    for i, j in layout.iter_blocks():
+        top = tasks[i - 1, j][1][0] if i > 0 else None
+        left = tasks[i, j - 1][1][1] if j > 0 else None
+        corner = tasks[i - 1, j - 1][1][2] if i > 0 and j > 0 else None
+        tasks[i, j] = dask.delayed(process_block, pure=False, nout=2)(
+            source, model_ref, layout, opts, i, j, top, left, corner, sink if local else None,
+            dask_key_name=f"geoseg-block-{i}-{j}",
+        )
+    if local:
+        # Only the strips are returned to the caller; each is tiny and dropped at once.
+        dask.compute([t[0] for t in tasks.values()], scheduler=scheduler, num_workers=num_workers)
         return
     from distributed import as_completed
 
-    keys = list(graph)
-    futures = scheduler.compute([graph[k] for k in keys])
+    keys = list(tasks)
+    futures = scheduler.compute([tasks[k][0] for k in keys])
     index = {f.key: k for f, k in zip(futures, keys)}
     for fut, blk in as_completed(futures, with_results=True):
         sink(index[fut.key], blk)
         fut.release()
-
-
-def _sink_summary(sink: Callable[[tuple[int, int], BlockOut], Any], ij: tuple[int, int],
-                  blk: BlockOut) -> None:
-    sink(ij, blk)

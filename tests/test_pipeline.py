@@ -9,7 +9,7 @@ from torch.nn import functional as F
 import geoseg
 from geoseg.grid import Grid, Layout
 from geoseg.io.raster import RasterSource
-from geoseg.pipeline import RunOptions, block_graph, predict_array, run_blocks
+from geoseg.pipeline import RunOptions, predict_array, stream_blocks
 
 from .conftest import shared, smooth_image, write_raster
 
@@ -67,7 +67,7 @@ def stream(path, model, tile, overlap, *, confidence=True, scheduler="sync", blo
         counts["skipped"] += blk.tiles_skipped
         counts["blocks"] += 1
 
-    run_blocks(block_graph(RasterSource(str(path), bands), model, layout, opts), sink, scheduler=scheduler)
+    stream_blocks(RasterSource(str(path), bands), model, layout, opts, sink, scheduler=scheduler)
     return classes, conf, counts, layout
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..grid import Grid, Layout
-from ..pipeline import RunOptions, block_graph, default_overlap, predict_array, run_blocks
+from ..pipeline import RunOptions, default_overlap, predict_array, stream_blocks
 from .data import DatasetSpec, mask_path, read_image, remap, split_images
 from .metrics import IGNORE, ConfusionMatrix
 
@@ -64,8 +65,6 @@ def evaluate_scene(model: Any, scene: str | Path, reference: str | Path | None, 
     or vector labels (GPKG/GeoJSON) with ``class_field``, rasterized per
     block in the scene's CRS; unlabelled pixels are ignored.
     """
-    import rasterio
-
     from ..io.raster import RasterSource, data_bands, open_raster
 
     if reference is None:
@@ -83,13 +82,16 @@ def evaluate_scene(model: Any, scene: str | Path, reference: str | Path | None, 
     reader = _reference_reader(ref, grid, class_field, label_mapping or {})
     cm = ConfusionMatrix(model.card.num_classes)
 
+    lock = threading.Lock()
+
     def sink(ij: tuple[int, int], blk: Any) -> None:
         rows, cols = layout.block_slices(*ij)
-        cm.update(blk.classes, reader(rows, cols))
+        truth = reader(rows, cols)
+        with lock:
+            cm.update(blk.classes, truth)
 
-    with rasterio.Env():
-        run_blocks(block_graph(RasterSource(str(scene), tuple(bands)), model, layout, opts), sink,
-                   scheduler=scheduler)
+    stream_blocks(RasterSource(str(scene), tuple(bands)), model, layout, opts, sink,
+                  scheduler=scheduler)
     return cm
 
 

@@ -214,7 +214,9 @@ def train(recipe: Recipe, *, recipe_dir: Path = Path("."), resume: bool = False,
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"]}
         row.update({k: v / max(n, 1) for k, v in sums.items()})
         score = None
-        if has_val and ((epoch + 1) % tr.val_every == 0 or epoch + 1 == tr.epochs or step >= total):
+        if has_val and tr.val_every > 0 and (
+            (epoch + 1) % tr.val_every == 0 or epoch + 1 == tr.epochs or step >= total
+        ):
             backend = TorchBackend(ema.module, card, device=device)
             cm = evaluate_dataset(backend, spec, "val", tile=tr.val_tile, overlap=tr.val_overlap)
             score = cm.miou()

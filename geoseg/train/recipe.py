@@ -51,7 +51,7 @@ class TrainSection:
     class_weights: bool = False  # inverse-log-frequency class weights
     dice: float = 1.0
     aux: float = 0.4
-    val_every: int = 1
+    val_every: int = 1  # epochs between validations; 0 = never
     val_tile: int = 512
     val_overlap: int = 64
     output: str = "runs/train"
