@@ -44,6 +44,7 @@ class PredictResult:
     tiles_skipped: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    areas: Any = None  # stats.AreaTable of the final class raster
 
     @property
     def pixels(self) -> int:
@@ -95,6 +96,12 @@ def predict(
     num_workers: int | None = None,
     bands: Sequence[int] | None = None,
     confidence: bool = False,
+    polygons: bool = True,
+    min_area: float | None = None,
+    simplify: float | None = None,
+    vector_format: str = "gpkg",
+    zones: str | Path | None = None,
+    zone_field: str | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> PredictResult:
@@ -108,10 +115,20 @@ def predict(
     ``scheduler`` is ``None``/``"threads"`` (local threads), ``"sync"``, a
     ``tcp://`` address or a ``distributed.Client``. ``progress(done, total)``
     is called once per finished block.
+
+    Then, from ``classes.tif``: with ``min_area`` (m²) small regions are
+    sieved away first; ``polygons`` writes ``polygons.gpkg`` (or
+    ``vector_format``) with ``polygons.qml``, coverage-simplified by
+    ``simplify`` metres if given; ``stats.csv`` / ``stats.json`` give the
+    area of each class (and per zone with ``zones``).
     """
     t0 = time.perf_counter()
     out = Path(output) if output is not None else default_output(src)
-    names = ["classes.tif", "classes.qml", "run.json"] + (["confidence.tif"] if confidence else [])
+    from .io.vector import vector_format as _vf
+
+    names = ["classes.tif", "classes.qml", "stats.csv", "stats.json", "run.json"]
+    names += ["confidence.tif"] if confidence else []
+    names += [f"polygons{_vf(vector_format)[1]}", "polygons.qml"] if polygons else []
     _check_outputs(out, names, overwrite)
 
     with open_raster(src) as ds:
@@ -197,16 +214,30 @@ def predict(
             if client is not None:
                 client.close()
     write_text_atomic(out / "classes.qml", paletted_raster_qml(list(mc.classes), palette))
+    t_cog = time.perf_counter()
+    from .landcover import area_stats, sieve, vectorize, write_stats
+
+    vec: dict[str, Any] = {}
+    if min_area:
+        vec["sieve_pixels"] = sieve(out / "classes.tif", min_area)
+    if polygons:
+        vec.update(vectorize(out / "classes.tif", out / "polygons", fmt=vector_format,
+                             simplify=simplify, overwrite=True, num_workers=num_workers))
+    t_vec = time.perf_counter()
+    areas = area_stats(out / "classes.tif", zones=zones, zone_field=zone_field)
+    write_stats(areas, out, source=str(src))
     t_end = time.perf_counter()
     timings = {
         "setup_s": t_setup - t0,
         "inference_s": t_infer - t_setup,
-        "cog_s": t_end - t_infer,
+        "cog_s": t_cog - t_infer,
+        "vectorize_s": t_vec - t_cog,
+        "stats_s": t_end - t_vec,
         "total_s": t_end - t0,
     }
     files = {n: out / n for n in names}
     result = PredictResult(out, files, list(mc.classes), state["hist"], state["run"],
-                           state["skipped"], t_end - t0, timings)
+                           state["skipped"], t_end - t0, timings, areas)
     run = {
         "input": str(src),
         "output": str(out),
@@ -219,7 +250,10 @@ def predict(
             "margin": default_margin(layout.overlap) if margin is None else margin,
             "batch_size": bs, "device": net.device, "bands": use, "confidence": confidence,
             "scheduler": sched if isinstance(sched, str) else str(scheduler),
+            "polygons": polygons, "min_area_m2": min_area, "simplify_m": simplify,
+            "vector_format": vector_format, "zones": str(zones) if zones else None,
         },
+        "vectorize": vec,
         "model_card": mc.to_dict(),
         "counts": {"pixels": result.pixels, "nodata_pixels": int(state["hist"][-1]),
                    "tiles_run": state["run"], "tiles_skipped_nodata": state["skipped"],

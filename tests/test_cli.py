@@ -41,7 +41,8 @@ def test_predict_writes_every_output(tmp_path, rgb_raster, checkpoint_args):
     assert r.returncode == 0, r.stderr
     assert "MPix/s" in r.stdout and "% of valid" in r.stdout
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["classes.qml", "classes.tif", "classes.tif.aux.xml", "confidence.tif", "run.json"]
+    assert names == ["classes.qml", "classes.tif", "classes.tif.aux.xml", "confidence.tif",
+                     "polygons.gpkg", "polygons.qml", "run.json", "stats.csv", "stats.json"]
     run = json.loads((out / "run.json").read_text())
     assert run["options"]["tile_size"] == 128 and run["options"]["device"] == "cpu"
     assert run["counts"]["pixels"] == 300 * 420

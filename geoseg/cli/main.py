@@ -40,11 +40,12 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from .landcover_cmd import stats, vectorize
     from .models_cmd import models
     from .predict_cmd import predict
     from .train_cmd import export, train, val
 
-    for cmd in (predict, models, train, val, export):
+    for cmd in (predict, vectorize, stats, models, train, val, export):
         cli.add_command(cmd)
 
 

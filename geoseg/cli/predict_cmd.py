@@ -37,13 +37,22 @@ def _bands(value: str | None) -> list[int] | None:
 @click.option("--workers", "num_workers", type=int, help="Local threads [default: CPU count].")
 @click.option("--bands", "bands", help="1-based bands to read, e.g. 1,2,3 [default: all but alpha].")
 @click.option("--confidence", is_flag=True, help="Also write confidence.tif (max softmax).")
+@click.option("--no-polygons", is_flag=True, help="Skip the polygon layer.")
+@click.option("--min-area", type=float, help="Sieve regions smaller than this (m²) from the map.")
+@click.option("--simplify", type=float, help="Simplify polygons (coverage-wise) by this many metres.")
+@click.option("--vector-format", default="gpkg", show_default=True, help="gpkg, geojson, parquet or fgb.")
+@click.option("--zones", type=click.Path(dir_okay=False, path_type=Path),
+              help="Polygons for per-zone class areas in stats.csv.")
+@click.option("--zone-field", help="Zone name attribute.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
 def predict(src: Path, output: Path | None, model: str | None, card: Path | None,
             tile_size: int | None, overlap: int | None, blend: str, margin: int | None, batch_size: int | None,
             device: str, scheduler: str | None, num_workers: int | None, bands: str | None,
-            confidence: bool, overwrite: bool, quiet: bool) -> None:
+            confidence: bool, no_polygons: bool, min_area: float | None, simplify: float | None,
+            vector_format: str, zones: Path | None, zone_field: str | None, overwrite: bool,
+            quiet: bool) -> None:
     """Segment SRC (any GDAL raster, any size) into a class COG and friends."""
     from ..api import predict as run
     from .report import predict_summary, progress_bar
@@ -56,6 +65,8 @@ def predict(src: Path, output: Path | None, model: str | None, card: Path | None
         result = run(src, output, model=model, card=card, tile_size=tile_size, overlap=overlap,
                      blend=blend, margin=margin, batch_size=batch_size, device=device, scheduler=scheduler,
                      num_workers=num_workers, bands=_bands(bands), confidence=confidence,
+                     polygons=not no_polygons, min_area=min_area, simplify=simplify,
+                     vector_format=vector_format, zones=zones, zone_field=zone_field,
                      overwrite=overwrite, progress=update)
     if not quiet:
         predict_summary(result)

@@ -40,6 +40,9 @@ def predict_summary(result: Any) -> None:
         f"({mpix / max(secs, 1e-9):.2f} MPix/s); tiles run {result.tiles_run}, "
         f"skipped as nodata {result.tiles_skipped}; nodata pixels {int(hist[-1]):,}"
     )
+    if result.areas is not None:
+        area_summary(result.areas)
+        return
     table = Table(title="Classes")
     table.add_column("id", justify="right")
     table.add_column("class")
@@ -48,3 +51,17 @@ def predict_summary(result: Any) -> None:
     for i, (name, n) in enumerate(zip(result.classes, hist[:-1])):
         table.add_row(str(i), name, f"{int(n):,}", f"{100.0 * n / valid:.2f}" if valid else "-")
     console.print(table)
+
+
+def area_summary(table: Any) -> None:
+    """Per-class area table (m², ha, %)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"Class areas (valid area {table.area_m2.sum() / 1e4:,.2f} ha)")
+    for col in ("id", "class", "pixels", "m²", "ha", "% of valid"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for r in table.rows():
+        t.add_row(str(r["class_id"]), r["class_name"], f"{r['pixels']:,}", f"{r['area_m2']:,.1f}",
+                  f"{r['area_ha']:,.3f}", f"{r['percent']:.2f}")
+    Console().print(t)

@@ -45,6 +45,43 @@ def paletted_raster_qml(classes: list[str], palette: list[tuple[int, int, int]])
 """
 
 
+def categorized_polygons_qml(classes: list[str], palette: list[tuple[int, int, int]],
+                             field: str = "class_name") -> str:
+    """A QML for the polygon layer: categorized by class name, filled with the class colours."""
+    cats = "\n".join(
+        f"      <category render=\"true\" symbol=\"{i}\" value={quoteattr(n)} label={quoteattr(n)}/>"
+        for i, n in enumerate(classes)
+    )
+    symbols = "\n".join(
+        f"""      <symbol type="fill" name="{i}" alpha="1" clip_to_extent="1" force_rhr="0">
+        <layer class="SimpleFill" enabled="1" pass="0" locked="0">
+          <Option type="Map">
+            <Option name="color" type="QString" value="{r},{g},{b},255"/>
+            <Option name="outline_color" type="QString" value="{max(r - 60, 0)},{max(g - 60, 0)},{max(b - 60, 0)},255"/>
+            <Option name="outline_style" type="QString" value="solid"/>
+            <Option name="outline_width" type="QString" value="0.1"/>
+            <Option name="outline_width_unit" type="QString" value="MM"/>
+            <Option name="style" type="QString" value="solid"/>
+          </Option>
+        </layer>
+      </symbol>"""
+        for i, (r, g, b) in enumerate(palette)
+    )
+    return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis version="3.22.0" styleCategories="AllStyleCategories">
+  <renderer-v2 type="categorizedSymbol" attr="{field}" symbollevels="0" enableorderby="0" forceraster="0">
+    <categories>
+{cats}
+    </categories>
+    <symbols>
+{symbols}
+    </symbols>
+  </renderer-v2>
+  <layerGeometryType>2</layerGeometryType>
+</qgis>
+"""
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write under a temporary name, then rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.part")

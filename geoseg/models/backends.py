@@ -140,8 +140,6 @@ class TorchBackend(Backend):
         self.device = resolve_device(device)
         self.amp = self.device.startswith("cuda") if amp is None else bool(amp and self.device != "cpu")
         self.module = module.to(self.device).eval()
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         import torch

@@ -1,0 +1,56 @@
+"""``geoseg vectorize`` and ``geoseg stats`` for any class raster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .main import one_line_errors
+
+
+@click.command()
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file [default: polygons.<format> beside SRC].")
+@click.option("--vector-format", "fmt", default="gpkg", show_default=True,
+              help="gpkg, geojson, parquet or fgb.")
+@click.option("--min-area", type=float, help="Sieve regions smaller than this many m² first (in place).")
+@click.option("--simplify", type=float, help="Coverage simplification tolerance in metres.")
+@click.option("--overwrite", is_flag=True)
+@one_line_errors
+def vectorize(src: Path, output: Path | None, fmt: str, min_area: float | None,
+              simplify: float | None, overwrite: bool) -> None:
+    """Polygons of a class raster, merged exactly across blocks, styled for QGIS."""
+    from ..landcover import sieve
+    from ..landcover import vectorize as run
+
+    if min_area:
+        if not overwrite:
+            from ..errors import OutputExistsError
+
+            raise OutputExistsError(f"--min-area rewrites {src} in place; pass --overwrite to allow it")
+        sieve(src, min_area)
+    out = output or src.with_name("polygons")
+    r = run(src, out, fmt=fmt, simplify=simplify, overwrite=overwrite)
+    click.echo(f"wrote {r['polygons']:,} polygons to {r['path']}")
+
+
+@click.command()
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Write stats.csv and stats.json here [default: beside SRC].")
+@click.option("--zones", type=click.Path(dir_okay=False, path_type=Path),
+              help="Polygons (fields, parcels) for per-zone areas.")
+@click.option("--zone-field", help="Zone name attribute [default: the feature index].")
+@one_line_errors
+def stats(src: Path, output: Path | None, zones: Path | None, zone_field: str | None) -> None:
+    """Per-class pixels, m², ha and % of the valid area (exact; geodesic for lon/lat)."""
+    from ..landcover import area_stats, write_stats
+    from .report import area_summary
+
+    table = area_stats(src, zones=zones, zone_field=zone_field)
+    out = output or src.parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_stats(table, out, source=str(src))
+    area_summary(table)
