@@ -15,7 +15,7 @@ from ..errors import ConfigError
 FORMATS = {  # --vector-format -> (GDAL driver, suffix)
     "gpkg": ("GPKG", ".gpkg"),
     "geojson": ("GeoJSON", ".geojson"),
-    "parquet": ("Parquet", ".parquet"),
+    "parquet": ("Parquet", ".parquet"),  # GeoParquet through geopandas + pyarrow
     "fgb": ("FlatGeobuf", ".fgb"),
 }
 LAYER = "landcover"
@@ -44,6 +44,7 @@ class PolygonWriter:
         self.classes = classes
         self._lock = threading.Lock()
         self._first = True
+        self._batches: list[Any] = []  # GeoParquet is written once, at finish
         self.count = 0
         self.work.unlink(missing_ok=True)
         self._geod = None
@@ -69,6 +70,11 @@ class PolygonWriter:
         fields = {"class_id": ids.astype(np.int32), "class_name": names,
                   "area_m2": area.astype(np.float64), "perimeter_m": perim.astype(np.float64)}
         with self._lock:
+            if self.driver == "Parquet":
+                self._batches.append(_frame(geoms, fields, self.crs))
+                self._first = False
+                self.count += len(geoms)
+                return
             opts: dict[str, Any] = {}
             if self._first and self.driver == "GPKG":
                 opts["dataset_options"] = {"VERSION": "1.2"}
@@ -77,7 +83,9 @@ class PolygonWriter:
             self.count += len(geoms)
 
     def finish(self, style_qml: str | None = None) -> Path:
-        if self._first:  # nothing was written: still publish an empty, valid layer
+        if self.driver == "Parquet":
+            self._write_parquet()
+        elif self._first:  # nothing was written: still publish an empty, valid layer
             _write(self.work, np.array([], dtype=object), {
                 "class_id": np.array([], np.int32), "class_name": np.array([], object),
                 "area_m2": np.array([]), "perimeter_m": np.array([])}, self.crs, self.driver, False,
@@ -86,6 +94,20 @@ class PolygonWriter:
             embed_qgis_style(self.work, LAYER, style_qml)
         self.work.replace(self.final)
         return self.final
+
+    def _write_parquet(self) -> None:
+        import geopandas as gpd
+        import pandas as pd
+
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError("GeoParquet output needs pyarrow: pip install pyarrow") from None
+        empty = {"class_id": np.array([], np.int32), "class_name": np.array([], object),
+                 "area_m2": np.array([]), "perimeter_m": np.array([])}
+        frames = self._batches or [_frame(np.array([], dtype=object), empty, self.crs)]
+        gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=self.crs).to_parquet(self.work)
+        self._batches.clear()
 
     def abort(self) -> None:
         self.work.unlink(missing_ok=True)
@@ -132,8 +154,9 @@ def embed_qgis_style(gpkg: Path, layer: str, qml: str, name: str = "geoseg") -> 
         con.execute("DELETE FROM layer_styles WHERE f_table_name = ?", (layer,))
         con.execute(
             "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column,"
-            " styleName, styleQML, styleSLD, useAsDefault, description, owner, ui) "
-            "VALUES ('', '', ?, ?, ?, ?, '', 1, 'classes by name and colour', '', '')",
+            " styleName, styleQML, styleSLD, useAsDefault, description, owner, ui, update_time) "
+            "VALUES ('', '', ?, ?, ?, ?, '', 1, 'classes by name and colour', '', '',"
+            " strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
             (layer, geom_col, name, qml),
         )
         con.commit()

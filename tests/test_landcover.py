@@ -1,0 +1,181 @@
+"""Polygons merged across blocks == whole-raster polygons; areas; formats; CLI."""
+
+import json
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import shapely
+from affine import Affine
+from pyproj import Geod
+from rasterio import features
+from shapely.geometry import shape
+
+from geoseg.landcover import area_stats, sieve, vectorize, write_stats
+
+from .conftest import shared, smooth_image, write_raster
+
+UTM = Affine(0.5, 0.0, 300000.0, 0.0, -0.5, 2800000.0)
+
+
+def class_raster(tmp_path, *, nodata=True, crs="EPSG:32640", transform=UTM):
+    """A real class raster: a Dubai mask (5 classes; 'unlabeled' as nodata) with a CRS."""
+    try:
+        src = shared("data/dubai/masks/tile_8_image_part_002.png")
+        with rasterio.open(src) as ds:
+            m = ds.read(1)
+    except pytest.skip.Exception:
+        m = (smooth_image((1, 500, 700))[0] // 52).astype(np.uint8)  # 5 levels of smooth noise
+    m = m.copy()
+    if nodata:
+        m[m == 5] = 255
+    else:
+        m[m == 5] = 4
+    path = tmp_path / "classes.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=m.shape[1], height=m.shape[0], count=1,
+                       dtype="uint8", crs=crs, transform=transform, nodata=255) as ds:
+        ds.write(m, 1)
+        ds.update_tags(GEOSEG_CLASSES=json.dumps(["building", "land", "road", "vegetation", "water"]))
+    return path, m
+
+
+def test_blockwise_polygons_equal_whole_raster_polygons(tmp_path):
+    path, m = class_raster(tmp_path)
+    res = vectorize(path, tmp_path / "poly", block=128)  # many blocks, many cut regions
+    df = pyogrio.read_dataframe(res["path"], layer="landcover")
+    whole = [(shape(g), int(v)) for g, v in features.shapes(m, mask=m != 255, transform=UTM)]
+    assert len(df) == len(whole) == res["polygons"]
+    assert df.geometry.is_valid.all()
+    for c in range(5):
+        ours = df[df.class_id == c].geometry.values
+        ref = [g for g, v in whole if v == c]
+        assert len(ours) == len(ref)
+        assert shapely.union_all(ours).symmetric_difference(shapely.union_all(ref)).area == 0
+    assert list(df.columns) == ["class_id", "class_name", "area_m2", "perimeter_m", "geometry"]
+    assert set(df.class_name) <= {"building", "land", "road", "vegetation", "water"}
+    np.testing.assert_allclose(df.area_m2, df.geometry.area)
+
+
+def test_polygons_rasterize_back_to_the_class_raster(tmp_path):
+    path, m = class_raster(tmp_path)
+    df = pyogrio.read_dataframe(vectorize(path, tmp_path / "p", block=200)["path"], layer="landcover")
+    back = features.rasterize(zip(df.geometry, df.class_id), out_shape=m.shape, transform=UTM, fill=255,
+                              dtype="uint8")
+    assert np.array_equal(back, m)
+
+
+def test_coverage_simplification_leaves_no_gaps_or_overlaps(tmp_path):
+    path, m = class_raster(tmp_path, nodata=False)  # a full coverage: no holes allowed after
+    res = vectorize(path, tmp_path / "s", block=256, simplify=2.0)
+    df = pyogrio.read_dataframe(res["path"], layer="landcover")
+    raw = pyogrio.read_dataframe(vectorize(path, tmp_path / "r", block=256)["path"], layer="landcover")
+    assert shapely.get_num_coordinates(df.geometry.values).sum() < shapely.get_num_coordinates(
+        raw.geometry.values).sum()
+    union = shapely.union_all(df.geometry.values)
+    assert abs(df.geometry.area.sum() - union.area) < 1e-6 * union.area, "simplified polygons overlap"
+    assert union.geom_type == "Polygon" and len(union.interiors) == 0, "simplification opened gaps"
+
+
+@pytest.mark.parametrize("crs,transform,unit", [
+    ("EPSG:32640", UTM, 1.0),
+    ("EPSG:2277", Affine(1.5, 0, 2.3e6, 0, -1.5, 1.3e7), 0.3048006096012192),  # US survey feet
+])
+def test_projected_areas_sum_to_the_valid_area(tmp_path, crs, transform, unit):
+    path, m = class_raster(tmp_path, crs=crs, transform=transform)
+    table = area_stats(path, block=300)
+    pix = abs(transform.a * transform.e) * unit**2
+    assert table.pixels.sum() == (m != 255).sum()
+    assert table.area_m2.sum() == pytest.approx((m != 255).sum() * pix, rel=1e-12)
+    for c in range(5):
+        assert table.area_m2[c] == pytest.approx((m == c).sum() * pix, rel=1e-12)
+    rows = table.rows()
+    assert sum(r["percent"] for r in rows) == pytest.approx(100.0)
+    assert rows[0]["area_ha"] == pytest.approx(rows[0]["area_m2"] / 1e4)
+
+
+def test_geodesic_areas_in_epsg4326(tmp_path):
+    t = Affine(0.001, 0, 55.0, 0, -0.001, 25.3)  # ~100 m pixels near Dubai
+    path, m = class_raster(tmp_path, crs="EPSG:4326", transform=t)
+    table = area_stats(path, block=257)
+    geod = Geod(ellps="WGS84")
+    # every valid pixel's own geodesic area, summed, is the valid area
+    h, w = m.shape
+    lats = 25.3 - 0.001 * np.arange(h + 1)
+    row_area = np.array([abs(geod.polygon_area_perimeter([55, 55.001, 55.001, 55],
+                                                         [lats[r], lats[r], lats[r + 1], lats[r + 1]])[0])
+                         for r in range(h)])
+    expect = ((m != 255) * row_area[:, None]).sum()
+    assert table.area_m2.sum() == pytest.approx(expect, rel=1e-9)
+    # and the whole raster equals pyproj's geodesic area of its footprint polygon
+    full = np.zeros_like(m)
+    p2 = tmp_path / "full.tif"
+    write_raster(p2, full[None], crs="EPSG:4326", transform=t)
+    # the footprint's top and bottom edges follow parallels: densify them (a geodesic between two
+    # far-apart corners would bulge towards the pole)
+    xs = 55 + 0.001 * np.arange(w + 1)
+    lon = np.concatenate([xs, xs[::-1]])
+    lat = np.concatenate([np.full(w + 1, 25.3), np.full(w + 1, lats[-1])])
+    poly_area = abs(geod.polygon_area_perimeter(lon, lat)[0])
+    assert area_stats(p2).area_m2.sum() == pytest.approx(poly_area, rel=1e-6)
+
+
+def test_zones_split_areas(tmp_path):
+    path, m = class_raster(tmp_path)
+    h, w = m.shape
+    left = shapely.box(UTM.c, UTM.f - 0.5 * h, UTM.c + 0.5 * (w // 2), UTM.f)
+    import geopandas as gpd
+
+    zones = tmp_path / "zones.gpkg"
+    gpd.GeoDataFrame({"name": ["west"]}, geometry=[left], crs="EPSG:32640").to_file(zones)
+    table = area_stats(path, zones=zones, zone_field="name")
+    west = table.zone_area_m2["west"]
+    for c in range(5):
+        assert west[c] == pytest.approx((m[:, : w // 2] == c).sum() * 0.25)
+    csv_path, json_path = write_stats(table, tmp_path)
+    assert "west" in csv_path.read_text() and json.loads(json_path.read_text())["zones"]
+
+
+def test_sieve_removes_small_regions_consistently(tmp_path):
+    path, m = class_raster(tmp_path)
+    before = len(pyogrio.read_dataframe(vectorize(path, tmp_path / "a")["path"], layer="landcover"))
+    size = sieve(path, min_area_m2=25.0)  # 0.25 m² pixels -> 100 px
+    assert size == 100
+    with rasterio.open(path) as ds:
+        s = ds.read(1)
+        assert json.loads(ds.tags()["GEOSEG_CLASSES"])[0] == "building"
+    assert np.array_equal(s == 255, m == 255), "nodata is never grown or filled"
+    df = pyogrio.read_dataframe(vectorize(path, tmp_path / "b", overwrite=True)["path"], layer="landcover")
+    assert len(df) < before
+    # raster and polygons agree after sieving
+    back = features.rasterize(zip(df.geometry, df.class_id), out_shape=m.shape, transform=UTM, fill=255,
+                              dtype="uint8")
+    assert np.array_equal(back, s)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("geojson", ".geojson"), ("fgb", ".fgb"), ("parquet", ".parquet")])
+def test_other_vector_formats(tmp_path, fmt, suffix):
+    path, _ = class_raster(tmp_path)
+    res = vectorize(path, tmp_path / "p", fmt=fmt)
+    assert res["path"].endswith(suffix)
+    if fmt == "parquet":
+        import geopandas as gpd
+
+        df = gpd.read_parquet(res["path"])
+    else:
+        df = pyogrio.read_dataframe(res["path"], layer="landcover")
+    assert len(df) == res["polygons"] and df.crs.to_epsg() == 32640
+
+
+def test_gpkg_is_version_1_2_with_a_default_style(tmp_path):
+    import sqlite3
+
+    path, _ = class_raster(tmp_path)
+    gpkg = vectorize(path, tmp_path / "polygons")["path"]
+    con = sqlite3.connect(gpkg)
+    assert con.execute("PRAGMA application_id").fetchone()[0] == 0x47504B47
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 10200
+    name, qml, default = con.execute(
+        "SELECT f_table_name, styleQML, useAsDefault FROM layer_styles").fetchone()
+    assert name == "landcover" and default == 1 and 'attr="class_name"' in qml
+    con.close()
