@@ -53,16 +53,46 @@ def polygonize_block(classes: np.ndarray, row0: int, col0: int, grid_shape: tupl
 
 
 def merge_edge_pieces(pieces: list[tuple[shapely.Polygon, int]]) -> Iterator[tuple[shapely.Polygon, int]]:
-    """Union the edge-touching pieces of each class and yield the connected polygons."""
-    by_class: dict[int, list[shapely.Polygon]] = {}
-    for poly, value in pieces:
-        by_class.setdefault(value, []).append(poly)
-    for value in sorted(by_class):
-        # Pixel coordinates are integers, so a fixed-precision overlay on the unit grid is exact.
-        merged = shapely.union_all(np.array(by_class[value], dtype=object), grid_size=1.0)
+    """Merge the edge-touching pieces that form one region; yield the regions.
+
+    Two pieces belong together when they have the same class and share a
+    boundary segment of positive length (4-connectivity: a shared corner
+    point does not join them). Pieces are grouped with union-find over the
+    pairs an STRtree finds, and each group is unioned on its own; pixel
+    coordinates are integers, so a fixed-precision overlay on the unit grid
+    is exact.
+    """
+    if not pieces:
+        return
+    geoms = np.array([p for p, _ in pieces], dtype=object)
+    cls = np.array([v for _, v in pieces])
+    left, right = shapely.STRtree(geoms).query(geoms, predicate="touches")
+    keep = (left < right) & (cls[left] == cls[right])
+    left, right = left[keep], right[keep]
+    shares_edge = shapely.relate_pattern(geoms[left], geoms[right], "****1****")
+    parent = np.arange(len(geoms))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in zip(left[shares_edge], right[shares_edge]):
+        ra, rb = find(int(a)), find(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = {}
+    for k in range(len(geoms)):
+        groups.setdefault(find(k), []).append(k)
+    for members in groups.values():
+        if len(members) == 1:
+            yield geoms[members[0]], int(cls[members[0]])
+            continue
+        merged = shapely.union_all(geoms[members], grid_size=1.0)
         for part in shapely.get_parts(merged):
             if not part.is_empty:
-                yield part, value
+                yield part, int(cls[members[0]])
 
 
 def to_crs_coords(geoms: np.ndarray, transform: Affine) -> np.ndarray:

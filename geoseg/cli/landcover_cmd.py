@@ -17,10 +17,11 @@ from .main import one_line_errors
               help="gpkg, geojson, parquet or fgb.")
 @click.option("--min-area", type=float, help="Sieve regions smaller than this many m² first (in place).")
 @click.option("--simplify", type=float, help="Coverage simplification tolerance in metres.")
+@click.option("--workers", "num_workers", type=int, help="Parallel workers [default: CPU count].")
 @click.option("--overwrite", is_flag=True)
 @one_line_errors
 def vectorize(src: Path, output: Path | None, fmt: str, min_area: float | None,
-              simplify: float | None, overwrite: bool) -> None:
+              simplify: float | None, num_workers: int | None, overwrite: bool) -> None:
     """Polygons of a class raster, merged exactly across blocks, styled for QGIS."""
     from ..landcover import sieve
     from ..landcover import vectorize as run
@@ -32,7 +33,7 @@ def vectorize(src: Path, output: Path | None, fmt: str, min_area: float | None,
             raise OutputExistsError(f"--min-area rewrites {src} in place; pass --overwrite to allow it")
         sieve(src, min_area)
     out = output or src.with_name("polygons")
-    r = run(src, out, fmt=fmt, simplify=simplify, overwrite=overwrite)
+    r = run(src, out, fmt=fmt, simplify=simplify, overwrite=overwrite, num_workers=num_workers)
     click.echo(f"wrote {r['polygons']:,} polygons to {r['path']}")
 
 
