@@ -55,18 +55,35 @@ def mosaic_vrt(src: Path, dst: Path, size: int, bands: list[int]) -> Path:
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """Run a command; return (wall seconds, its peak RSS in MiB) — one child per call."""
+    """Run a command; return (wall seconds, its peak RSS in MiB).
+
+    The peak is the larger of the biggest single process's ``ru_maxrss``
+    (exact) and the sampled sum over the command's process tree (so worker
+    processes count too).
+    """
+    import psutil
+
     t = time.perf_counter()
     # A fresh interpreter per measurement so ru_maxrss is this command's own peak.
     wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
                "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
                "sys.exit(r.returncode)")
-    p = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    p = subprocess.Popen([sys.executable, "-c", wrapper, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    tree_peak = 0
+    parent = psutil.Process(p.pid)
+    while p.poll() is None:
+        try:
+            tree_peak = max(tree_peak, sum(c.memory_info().rss for c in parent.children(recursive=True)))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    _, err = p.communicate()
     wall = time.perf_counter() - t
     if p.returncode != 0:
-        sys.exit(f"command failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
-    kb = int(p.stderr.strip().splitlines()[-1].split()[-1])
-    return wall, kb / 1024
+        sys.exit(f"command failed: {' '.join(cmd)}\n{err[-2000:]}")
+    kb = int(err.strip().splitlines()[-1].split()[-1])
+    return wall, max(kb * 1024, tree_peak) / 2**20
 
 
 def machine() -> str:

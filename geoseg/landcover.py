@@ -24,7 +24,7 @@ from .io.raster import BlockWriter, open_raster
 from .io.styles import categorized_polygons_qml, write_text_atomic
 from .io.vector import PolygonWriter, vector_format
 from .stats import AreaTable, row_pixel_areas
-from .vectorize import polygonize_blocks, to_crs_coords
+from .vectorize import Batch, polygonize_raster
 
 BLOCK = 2048  # a multiple of the COG's 512-px tiles
 NODATA = 255
@@ -36,14 +36,19 @@ class ClassInfo:
     palette: list[tuple[int, int, int]]
 
 
-def class_info(ds: Any) -> ClassInfo:
-    """Class names and colours of a class raster: geoseg's tags, else GDAL's colour table."""
+def class_info(ds: Any, *, count: int | None = None) -> ClassInfo:
+    """Class names and colours of a class raster: geoseg's tags, else GDAL's colour table.
+
+    Untagged rasters get ``class_<id>`` names for ids ``0 .. count - 1``
+    (``count`` default: found by scanning the raster).
+    """
     tags = ds.tags()
     if "GEOSEG_CLASSES" in tags:
         names = json.loads(tags["GEOSEG_CLASSES"])
     else:
-        top = int(np.max([v for v in _sample_values(ds)] or [0]))
-        names = [f"class_{i}" for i in range(top + 1)]
+        if count is None:
+            count = max(_sample_values(ds), default=0) + 1
+        names = [f"class_{i}" for i in range(count)]
     try:
         cmap = ds.colormap(1)
         palette = [tuple(cmap.get(i, (128, 128, 128, 255))[:3]) for i in range(len(names))]
@@ -59,8 +64,8 @@ def _sample_values(ds: Any) -> list[int]:
     ovr = ds.overviews(1)
     f = ovr[-1] if ovr else 1
     arr = ds.read(1, out_shape=(max(1, ds.height // f), max(1, ds.width // f)))
-    vals = np.unique(arr)
-    return [int(v) for v in vals if v != (ds.nodata if ds.nodata is not None else NODATA)]
+    present = np.flatnonzero(np.bincount(arr.ravel(), minlength=256))
+    return [int(v) for v in present if v != (ds.nodata if ds.nodata is not None else NODATA)]
 
 
 def _reader(path: Path) -> Any:
@@ -137,7 +142,7 @@ def sieve(path: Path, min_area_m2: float, *, halo: int = 1024) -> int:
 
 
 def vectorize(src: str | Path, output: str | Path, *, fmt: str = "gpkg", simplify: float | None = None,
-              overwrite: bool = False, block: int = BLOCK, num_workers: int | None = None) -> dict[str, Any]:
+              overwrite: bool = False, block: int | None = None, num_workers: int | None = None) -> dict[str, Any]:
     """Polygons of a class raster (merged across blocks) to ``output`` with a QGIS style.
 
     ``simplify`` is a tolerance in metres applied to the whole coverage
@@ -152,28 +157,26 @@ def vectorize(src: str | Path, output: str | Path, *, fmt: str = "gpkg", simplif
     with open_raster(src) as ds:
         _check_class_raster(ds, src)
         grid = Grid.from_rio(ds)
-        info = class_info(ds)
+        tagged = "GEOSEG_CLASSES" in ds.tags()
+        info = class_info(ds, count=None if tagged else 0)  # untagged: names follow the ids found
         nodata = int(ds.nodata) if ds.nodata is not None else NODATA
     writer = PolygonWriter(out, grid.crs, info.names, fmt)
-    held: list[tuple[Any, int]] = []
-
-    def sink(polys: list[tuple[Any, int]]) -> None:
-        if simplify:
-            held.extend(polys)  # coverage simplification needs the whole coverage
-            return
-        geoms = to_crs_coords(np.array([p for p, _ in polys], dtype=object), grid.transform)
-        writer.write(geoms, np.array([v for _, v in polys], np.int64))
-
+    held: list[Batch] = []
+    sink = held.append if simplify else writer.write_batch  # coverage simplification needs the whole coverage
     try:
-        n = polygonize_blocks(_reader(src), grid, block, sink=sink, nodata=nodata,
-                              num_workers=num_workers)
+        n = polygonize_raster(src, grid.shape, grid.transform, writer.measure, sink=sink, nodata=nodata,
+                              block=block, num_workers=num_workers)
         if simplify and held:
             import shapely
 
-            geoms = to_crs_coords(np.array([p for p, _ in held], dtype=object), grid.transform)
-            tol = _metres_to_crs_units(grid, simplify)
-            geoms = shapely.coverage_simplify(geoms, tol, simplify_boundary=True)
-            writer.write(geoms, np.array([v for _, v in held], np.int64))
+            geoms = shapely.from_wkb(np.concatenate([b.wkb for b in held]))
+            ids = np.concatenate([b.ids for b in held])
+            held.clear()
+            geoms = shapely.coverage_simplify(geoms, _metres_to_crs_units(grid, simplify), simplify_boundary=True)
+            writer.write(geoms, ids)
+        if not tagged:
+            with open_raster(src) as ds:
+                info = class_info(ds, count=writer.max_id + 1)
         qml = categorized_polygons_qml(info.names, info.palette)
         path = writer.finish(style_qml=qml)
         write_text_atomic(path.with_suffix(".qml"), qml)

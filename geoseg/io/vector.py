@@ -11,6 +11,7 @@ import numpy as np
 import shapely
 
 from ..errors import ConfigError
+from ..vectorize import Batch, Measure
 
 FORMATS = {  # --vector-format -> (GDAL driver, suffix)
     "gpkg": ("GPKG", ".gpkg"),
@@ -41,46 +42,39 @@ class PolygonWriter:
         self.final = Path(final).with_suffix(suffix)
         self.work = self.final.with_name(f".{self.final.stem}.part{suffix}")
         self.crs = crs
-        self.classes = classes
+        self.classes = list(classes)
+        self.max_id = -1  # the largest class id written
         self._lock = threading.Lock()
         self._first = True
         self._batches: list[Any] = []  # GeoParquet is written once, at finish
         self.count = 0
         self.work.unlink(missing_ok=True)
-        self._geod = None
-        self._factor = 1.0
-        if crs is not None and not crs.is_projected:
-            from pyproj import CRS
-
-            self._geod = CRS.from_user_input(crs.to_wkt()).get_geod()
-        elif crs is not None:
-            self._factor = float(crs.linear_units_factor[1])
-
-    def measure(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self._geod is None:
-            return shapely.area(geoms) * self._factor**2, shapely.length(geoms) * self._factor
-        ap = [self._geod.geometry_area_perimeter(g) for g in geoms]
-        return np.abs([a for a, _ in ap]), np.array([p for _, p in ap])
+        self.measure = Measure.for_crs(crs)
 
     def write(self, geoms: np.ndarray, ids: np.ndarray) -> None:
+        """Append polygons (shapely, in the layer's CRS) with their class ids."""
         if len(geoms) == 0:
             return
-        area, perim = self.measure(geoms)
-        names = np.array(self.classes, dtype=object)[ids]
-        fields = {"class_id": ids.astype(np.int32), "class_name": names,
-                  "area_m2": area.astype(np.float64), "perimeter_m": perim.astype(np.float64)}
+        area, perimeter = self.measure(geoms)
+        self.write_batch(Batch(shapely.to_wkb(geoms), ids.astype(np.int32), area, perimeter))
+
+    def write_batch(self, batch: Batch) -> None:
+        """Append polygons already encoded and measured (WKB, class ids, m², m)."""
+        if len(batch) == 0:
+            return
+        ids = batch.ids.astype(np.int32)
+        top = int(ids.max())
+        names = self.classes + [f"class_{i}" for i in range(len(self.classes), top + 1)]
+        fields = {"class_id": ids, "class_name": np.array(names, dtype=object)[ids],
+                  "area_m2": batch.area.astype(np.float64), "perimeter_m": batch.perimeter.astype(np.float64)}
         with self._lock:
             if self.driver == "Parquet":
-                self._batches.append(_frame(geoms, fields, self.crs))
-                self._first = False
-                self.count += len(geoms)
-                return
-            opts: dict[str, Any] = {}
-            if self._first and self.driver == "GPKG":
-                opts["dataset_options"] = {"VERSION": "1.2"}
-            _write(self.work, geoms, fields, self.crs, self.driver, not self._first, opts)
+                self._batches.append(_frame(shapely.from_wkb(batch.wkb), fields, self.crs))
+            else:
+                _write(self.work, batch.wkb, fields, self.crs, self.driver, not self._first)
             self._first = False
-            self.count += len(geoms)
+            self.count += len(batch)
+            self.max_id = max(self.max_id, top)
 
     def finish(self, style_qml: str | None = None) -> Path:
         if self.driver == "Parquet":
@@ -88,8 +82,7 @@ class PolygonWriter:
         elif self._first:  # nothing was written: still publish an empty, valid layer
             _write(self.work, np.array([], dtype=object), {
                 "class_id": np.array([], np.int32), "class_name": np.array([], object),
-                "area_m2": np.array([]), "perimeter_m": np.array([])}, self.crs, self.driver, False,
-                {"dataset_options": {"VERSION": "1.2"}} if self.driver == "GPKG" else {})
+                "area_m2": np.array([]), "perimeter_m": np.array([])}, self.crs, self.driver, False)
         if style_qml and self.driver == "GPKG":
             embed_qgis_style(self.work, LAYER, style_qml)
         self.work.replace(self.final)
@@ -119,12 +112,15 @@ def _frame(geoms: np.ndarray, fields: dict[str, np.ndarray], crs: Any) -> Any:
     return gpd.GeoDataFrame(fields, geometry=list(geoms), crs=crs)
 
 
-def _write(path: Path, geoms: np.ndarray, fields: dict[str, np.ndarray], crs: Any, driver: str,
-           append: bool, opts: dict[str, Any]) -> None:
-    import pyogrio
+def _write(path: Path, wkb: np.ndarray, fields: dict[str, np.ndarray], crs: Any, driver: str,
+           append: bool) -> None:
+    """Append WKB polygons and their fields through GDAL (GeoPackage 1.2, which QGIS 3.22 reads)."""
+    from pyogrio.raw import write
 
-    pyogrio.write_dataframe(_frame(geoms, fields, crs), path, layer=LAYER, driver=driver,
-                            append=append, geometry_type="Polygon", **opts)
+    opts = {"dataset_options": {"VERSION": "1.2"}} if driver == "GPKG" and not append else {}
+    write(path, np.asarray(wkb, dtype=object), list(fields.values()), list(fields), layer=LAYER,
+          driver=driver, geometry_type="Polygon", crs=crs.to_wkt() if crs is not None else None,
+          append=append, **opts)
 
 
 def embed_qgis_style(gpkg: Path, layer: str, qml: str, name: str = "geoseg") -> None:
