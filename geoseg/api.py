@@ -102,6 +102,7 @@ def predict(
     vector_format: str = "gpkg",
     zones: str | Path | None = None,
     zone_field: str | None = None,
+    quicklook: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> PredictResult:
@@ -120,7 +121,8 @@ def predict(
     sieved away first; ``polygons`` writes ``polygons.gpkg`` (or
     ``vector_format``) with ``polygons.qml``, coverage-simplified by
     ``simplify`` metres if given; ``stats.csv`` / ``stats.json`` give the
-    area of each class (and per zone with ``zones``).
+    area of each class (and per zone with ``zones``). ``quicklook`` draws
+    the classes over the image in ``quicklook.png``.
     """
     t0 = time.perf_counter()
     out = Path(output) if output is not None else default_output(src)
@@ -128,6 +130,7 @@ def predict(
 
     names = ["classes.tif", "classes.qml", "stats.csv", "stats.json", "run.json"]
     names += ["confidence.tif"] if confidence else []
+    names += ["quicklook.png"] if quicklook else []
     names += [f"polygons{_vf(vector_format)[1]}", "polygons.qml"] if polygons else []
     _check_outputs(out, names, overwrite)
 
@@ -226,6 +229,11 @@ def predict(
     t_vec = time.perf_counter()
     areas = area_stats(out / "classes.tif", zones=zones, zone_field=zone_field)
     write_stats(areas, out, source=str(src))
+    if quicklook:
+        from .quicklook import display_bands, write_quicklook
+
+        write_quicklook(src, display_bands(use, mc.bands or []), out / "classes.tif", out / "quicklook.png",
+                        list(mc.classes), palette)
     t_end = time.perf_counter()
     timings = {
         "setup_s": t_setup - t0,
@@ -252,6 +260,7 @@ def predict(
             "scheduler": sched if isinstance(sched, str) else str(scheduler),
             "polygons": polygons, "min_area_m2": min_area, "simplify_m": simplify,
             "vector_format": vector_format, "zones": str(zones) if zones else None,
+            "quicklook": quicklook,
         },
         "vectorize": vec,
         "model_card": mc.to_dict(),

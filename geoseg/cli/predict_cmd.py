@@ -44,6 +44,7 @@ def _bands(value: str | None) -> list[int] | None:
 @click.option("--zones", type=click.Path(dir_okay=False, path_type=Path),
               help="Polygons for per-zone class areas in stats.csv.")
 @click.option("--zone-field", help="Zone name attribute.")
+@click.option("--quicklook", is_flag=True, help="Also write quicklook.png: the classes over the image.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
@@ -51,7 +52,7 @@ def predict(src: Path, output: Path | None, model: str | None, card: Path | None
             tile_size: int | None, overlap: int | None, blend: str, margin: int | None, batch_size: int | None,
             device: str, scheduler: str | None, num_workers: int | None, bands: str | None,
             confidence: bool, no_polygons: bool, min_area: float | None, simplify: float | None,
-            vector_format: str, zones: Path | None, zone_field: str | None, overwrite: bool,
+            vector_format: str, zones: Path | None, zone_field: str | None, quicklook: bool, overwrite: bool,
             quiet: bool) -> None:
     """Segment SRC (any GDAL raster, any size) into a class COG and friends."""
     from ..api import predict as run
@@ -67,6 +68,6 @@ def predict(src: Path, output: Path | None, model: str | None, card: Path | None
                      num_workers=num_workers, bands=_bands(bands), confidence=confidence,
                      polygons=not no_polygons, min_area=min_area, simplify=simplify,
                      vector_format=vector_format, zones=zones, zone_field=zone_field,
-                     overwrite=overwrite, progress=update)
+                     quicklook=quicklook, overwrite=overwrite, progress=update)
     if not quiet:
         predict_summary(result)

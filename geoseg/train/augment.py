@@ -46,8 +46,12 @@ def rescale(img: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, n
 
 def augment_sample(rng: np.random.Generator, sample_fn, size: int, cfg: AugmentConfig,
                    value_range: float) -> tuple[np.ndarray, np.ndarray]:
-    """Draw a crop of a jittered size from ``sample_fn(rng, s)``, rescale to ``size``, D4, colour."""
-    s = int(round(size * rng.uniform(cfg.scale_min, cfg.scale_max)))
+    """Draw a crop of a jittered size from ``sample_fn(rng, s)``, rescale to ``size``, D4, colour.
+
+    The crop side is ``size`` times a log-uniform factor in [scale_min, scale_max]
+    (as likely to halve as to double the ground resolution).
+    """
+    s = int(round(size * np.exp(rng.uniform(np.log(cfg.scale_min), np.log(cfg.scale_max)))))
     img, mask = sample_fn(rng, max(8, s))
     img, mask = rescale(img.astype(np.float32), mask, size)
     if cfg.d4:
