@@ -35,6 +35,8 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool) -> None:
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=Path),
               help="With --scene: label raster on the scene's grid, or vector labels.")
 @click.option("--class-field", help="With vector --reference: the class attribute.")
+@click.option("--label-map", help="With --reference: VALUE=CLASS pairs, e.g. Hydro=water,Train=255 "
+              "[default: ids, or values matched to class names].")
 @click.option("--tile-size", type=int)
 @click.option("--overlap", type=int)
 @click.option("--device", default="auto", show_default=True)
@@ -42,7 +44,7 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool) -> None:
               help="Write metrics.json, confusion.csv and confusion.png here.")
 @one_line_errors
 def val(model: str, card: Path | None, data: Path | None, split: str, scene: Path | None,
-        reference: Path | None, class_field: str | None, tile_size: int | None,
+        reference: Path | None, class_field: str | None, label_map: str | None, tile_size: int | None,
         overlap: int | None, device: str, output: Path | None) -> None:
     """Per-class IoU, mIoU and pixel accuracy, measured through the predict engine."""
     from rich.console import Console
@@ -56,8 +58,15 @@ def val(model: str, card: Path | None, data: Path | None, split: str, scene: Pat
     net = load_model(model, card=card, device=device)
     names = list(net.card.classes)
     if scene is not None:
-        cm = evaluate_scene(net, scene, reference, class_field=class_field, tile=tile_size,
-                            overlap=overlap)
+        mapping = {}
+        for pair in (label_map or "").split(","):
+            if pair.strip():
+                if "=" not in pair:
+                    raise ConfigError(f"--label-map entry {pair!r} is not VALUE=CLASS; e.g. Hydro=water")
+                k, v = pair.split("=", 1)
+                mapping[k.strip()] = v.strip()
+        cm = evaluate_scene(net, scene, reference, class_field=class_field, label_mapping=mapping,
+                            tile=tile_size, overlap=overlap)
     elif data is not None:
         cm = evaluate_dataset(net, load_dataset_spec(data), split, tile=tile_size, overlap=overlap)
     else:

@@ -22,7 +22,8 @@ Georeferenced layout (``type: geo``)::
     labels: labels.gpkg           # polygons with a class attribute (any CRS)
     class_field: Niveau_3
     names: {0: forest, 1: water}
-    label_mapping: {Forest: 0, Hydro: 1}   # attribute value -> class id (others: 255)
+    label_mapping: {Forest: 0, Hydro: water}  # attribute value -> class id or name (others: 255);
+                                  # without it, ids or class names (any case)
     window: 256                   # side of the random windows (pixels)
     samples_per_epoch: 64
 """
@@ -232,8 +233,7 @@ class GeoDataset:
             raise ConfigError(
                 f"{spec.labels.name} has no field {spec.class_field!r}; fields: {', '.join(gdf.columns[:-1])}"
             )
-        mapping = {str(k): int(v) for k, v in spec.label_mapping.items()}
-        gdf["_id"] = [mapping.get(str(v), IGNORE) if mapping else int(v) for v in gdf[spec.class_field]]
+        gdf["_id"] = label_ids(gdf[spec.class_field], spec.label_mapping, spec.names)
         gdf = gdf[gdf["_id"] != IGNORE]
         self.rasters = []
         for p in self.paths:
@@ -289,6 +289,31 @@ class GeoDataset:
         mean = np.asarray(s) / np.asarray(n)
         std = np.sqrt(np.maximum(np.asarray(s2) / np.asarray(n) - mean**2, 1e-12))
         return [float(v) for v in mean], [float(v) for v in std]
+
+
+def label_ids(values: Any, mapping: dict[Any, Any], names: list[str]) -> list[int]:
+    """Class ids for label attribute values.
+
+    With a mapping, ``value -> class id or class name`` (unmapped values are
+    ignored, 255). Without one, integer values are ids and text values are
+    matched to the class names, ignoring case.
+    """
+    by_name = {n.lower(): i for i, n in enumerate(names)}
+
+    def to_id(v: Any) -> int:
+        if isinstance(v, str) and not v.strip().lstrip("-").isdigit():
+            if v.lower() not in by_name:
+                raise ConfigError(f"label mapping target {v!r} is not a class; classes: {', '.join(names)}")
+            return by_name[v.lower()]
+        return int(v)
+
+    if mapping:
+        m = {str(k): to_id(v) for k, v in mapping.items()}
+        return [m.get(str(v), IGNORE) for v in values]
+    try:
+        return [int(v) for v in values]
+    except (TypeError, ValueError):
+        return [by_name.get(str(v).lower(), IGNORE) for v in values]
 
 
 def open_dataset(spec: DatasetSpec, split: str) -> MaskDataset | GeoDataset:

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..grid import Grid, Layout
 from ..pipeline import RunOptions, default_overlap, predict_array, stream_blocks
-from .data import DatasetSpec, mask_path, read_image, remap, split_images
+from .data import DatasetSpec, label_ids, mask_path, read_image, remap, split_images
 from .metrics import IGNORE, ConfusionMatrix
 
 
@@ -79,7 +79,7 @@ def evaluate_scene(model: Any, scene: str | Path, reference: str | Path | None, 
     layout = Layout.create(grid, tile=t, overlap=default_overlap(t) if overlap is None else overlap,
                            pad_multiple=model.card.pad_multiple)
     opts = RunOptions(layout.tile, layout.overlap, "hann", batch_size)
-    reader = _reference_reader(ref, grid, class_field, label_mapping or {})
+    reader = _reference_reader(ref, grid, class_field, label_mapping or {}, list(model.card.classes))
     cm = ConfusionMatrix(model.card.num_classes)
 
     lock = threading.Lock()
@@ -95,8 +95,8 @@ def evaluate_scene(model: Any, scene: str | Path, reference: str | Path | None, 
     return cm
 
 
-def _reference_reader(ref: Path, grid: Grid, class_field: str | None,
-                      mapping: dict[Any, int]) -> Callable[[slice, slice], np.ndarray]:
+def _reference_reader(ref: Path, grid: Grid, class_field: str | None, mapping: dict[Any, Any],
+                      names: list[str]) -> Callable[[slice, slice], np.ndarray]:
     import rasterio
     from rasterio.windows import Window
 
@@ -122,8 +122,7 @@ def _reference_reader(ref: Path, grid: Grid, class_field: str | None,
         raise ConfigError(f"{ref.name} has no field {class_field!r}")
     if grid.crs is not None and gdf.crs is not None and gdf.crs != grid.crs:
         gdf = gdf.to_crs(grid.crs)
-    str_map = {str(k): int(v) for k, v in mapping.items()}
-    ids = [str_map.get(str(v), IGNORE) if str_map else int(v) for v in gdf[class_field]]
+    ids = label_ids(gdf[class_field], mapping, names)
     shapes = [(g, i) for g, i in zip(gdf.geometry, ids) if i != IGNORE and g is not None]
 
     def read_vector(rows: slice, cols: slice) -> np.ndarray:
