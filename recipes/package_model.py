@@ -46,6 +46,8 @@ def main() -> None:
     extra = dict(card.extra)
     extra["metrics"] = metrics
     extra["gsd_note"] = args.gsd_note
+    if isinstance(extra.get("provenance"), dict):  # the dataset by its YAML, not a local path
+        extra["provenance"] = dict(extra["provenance"], dataset=str(args.data))
     current = ["#{:02x}{:02x}{:02x}".format(*rgb) for rgb in card.palette()]
     colors = tuple(LANDCOVER_COLORS.get(n, c) for n, c in zip(names, current))
     description = (f"{card.architecture} land cover ({', '.join(names)}) trained on the Dubai aerial "

@@ -316,5 +316,38 @@ def label_ids(values: Any, mapping: dict[Any, Any], names: list[str]) -> list[in
         return [by_name.get(str(v).lower(), IGNORE) for v in values]
 
 
+class MixedDataset:
+    """A main dataset plus extra ones (same classes and bands) that a share of the samples comes from.
+
+    Band statistics and class weights come from the main dataset; the extras
+    add variety (other sensors, other places) to what the model sees.
+    """
+
+    def __init__(self, main: MaskDataset | GeoDataset, extras: list[MaskDataset | GeoDataset], share: float):
+        for e in extras:
+            if list(e.spec.names) != list(main.spec.names):
+                raise ConfigError(f"extra dataset {e.spec.root}: classes {list(e.spec.names)} differ from "
+                                  f"{list(main.spec.names)}; map its labels onto the same classes")
+            if e.in_channels != main.in_channels:
+                raise ConfigError(f"extra dataset {e.spec.root}: {e.in_channels} bands, main has {main.in_channels}")
+        if not 0 <= share < 1:
+            raise ConfigError(f"data.extra_share must be in [0, 1), got {share}")
+        self.main, self.extras, self.share = main, extras, share
+        self.spec = main.spec
+        self.paths = list(main.paths) + [p for e in extras for p in e.paths]
+
+    def __len__(self) -> int:
+        return len(self.main) + sum(len(e) for e in self.extras)
+
+    @property
+    def in_channels(self) -> int:
+        return self.main.in_channels
+
+    def sample(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.extras and rng.random() < self.share:
+            return self.extras[int(rng.integers(len(self.extras)))].sample(rng, size)
+        return self.main.sample(rng, size)
+
+
 def open_dataset(spec: DatasetSpec, split: str) -> MaskDataset | GeoDataset:
     return GeoDataset(spec, split) if spec.kind == "geo" else MaskDataset(spec, split)

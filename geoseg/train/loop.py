@@ -36,7 +36,7 @@ from ..models.checkpoint import (
 )
 from ..models.registry import create_model
 from .augment import augment_sample
-from .data import DatasetSpec, load_dataset_spec, open_dataset
+from .data import DatasetSpec, MixedDataset, load_dataset_spec, open_dataset
 from .evaluate import evaluate_dataset
 from .losses import inverse_log_frequency, segmentation_loss
 from .recipe import Recipe
@@ -127,11 +127,15 @@ def train(recipe: Recipe, *, recipe_dir: Path = Path("."), resume: bool = False,
     rng = np.random.default_rng(tr.seed)
     device = resolve_device(tr.device)
     spec = load_dataset_spec(recipe_dir / d.dataset)
-    train_ds = open_dataset(spec, "train")
+    main_ds = open_dataset(spec, "train")
     has_val = "val" in spec.splits
-    in_ch = train_ds.in_channels
+    in_ch = main_ds.in_channels
     mean, std = (list(d.mean), list(d.std)) if d.mean and d.std else _band_stats(
-        train_ds, d.input_scale)
+        main_ds, d.input_scale)
+    train_ds: Any = main_ds
+    if d.extra_datasets:
+        extras = [open_dataset(load_dataset_spec(recipe_dir / x), "train") for x in d.extra_datasets]
+        train_ds = MixedDataset(main_ds, extras, d.extra_share)
     value_range = 1.0 / d.input_scale if d.input_scale else 255.0
     provenance = {"recipe": to_dict(recipe), "dataset": str(spec.root),
                   "train_images": [p.name for p in train_ds.paths], "torch": str(torch.__version__)}
@@ -152,8 +156,8 @@ def train(recipe: Recipe, *, recipe_dir: Path = Path("."), resume: bool = False,
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ema = ModelEMA(model, tr.ema_decay)
     weights = None
-    if tr.class_weights and hasattr(train_ds, "class_pixels"):
-        weights = torch.from_numpy(inverse_log_frequency(train_ds.class_pixels())).to(device)
+    if tr.class_weights and hasattr(main_ds, "class_pixels"):
+        weights = torch.from_numpy(inverse_log_frequency(main_ds.class_pixels())).to(device)
 
     total = tr.epochs * tr.steps_per_epoch if tr.max_steps is None else min(
         tr.max_steps, tr.epochs * tr.steps_per_epoch)

@@ -29,6 +29,8 @@ class DataSection:
     bands: tuple[str, ...] | None = None
     colors: tuple[str, ...] | None = None
     gsd: float | None = None  # metres per pixel of the training imagery (goes into the card)
+    extra_datasets: tuple[str, ...] = ()  # more dataset YAMLs (same classes), train split only
+    extra_share: float = 0.25  # share of the training samples drawn from extra_datasets
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
