@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 
 import torch
+from common import machine, table
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import machine, table
 from geoseg.models.registry import create_model, list_models
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-
 from common import OUT, REPO, SHARED, machine, mosaic_vrt, need, run_measured, table
 
 DRONE = SHARED / "data" / "drone" / "dummy_fotomap_small.tif"

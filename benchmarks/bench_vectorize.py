@@ -22,7 +22,6 @@ MASKS = SHARED / "data" / "dubai" / "masks"
 
 def class_mosaic(size: int) -> Path:
     """A size x size GeoTIFF mosaic of the real Dubai class masks (tiled, DEFLATE)."""
-    import numpy as np
     import rasterio
     from affine import Affine
 

@@ -175,7 +175,8 @@ def predict(
     writers = {
         "classes": BlockWriter(
             out / "classes.tif", grid, dtype="uint8", nodata=NODATA, block=layout.block,
-            colormap={i: (*rgb, 255) for i, rgb in enumerate(palette)} | {NODATA: (0, 0, 0, 0)}, tags=class_tags(list(mc.classes), colors),
+            colormap={i: (*rgb, 255) for i, rgb in enumerate(palette)} | {NODATA: (0, 0, 0, 0)},
+            tags=class_tags(list(mc.classes), colors),
             description="class",
         )
     }
@@ -185,7 +186,7 @@ def predict(
             description="confidence (max softmax)",
         )
     total = layout.blocks[0] * layout.blocks[1]
-    state = {"done": 0, "run": 0, "skipped": 0, "hist": np.zeros(mc.num_classes + 1, np.int64)}
+    state: dict[str, Any] = {"done": 0, "run": 0, "skipped": 0, "hist": np.zeros(mc.num_classes + 1, np.int64)}
 
     lock = threading.Lock()
 

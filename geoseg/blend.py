@@ -18,7 +18,6 @@ neighbouring tiles fade into each other.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
 
 import numpy as np
 
@@ -28,7 +27,7 @@ WindowFn = Callable[[int], np.ndarray]
 
 #: Relative weight of a tile's margin pixels (see the module docstring).
 MARGIN_WEIGHT = 1e-4
-Blend = Union[str, WindowFn]
+Blend = str | WindowFn
 
 
 def _hann(n: int) -> np.ndarray:
@@ -103,8 +102,12 @@ def make_window(blend: Blend, tile: int, margin: int = 0) -> np.ndarray:
     return (w / w.max()).astype(np.float32)
 
 
-def accumulate(acc: np.ndarray, logits: np.ndarray, window: np.ndarray, row: int, col: int) -> None:
+def accumulate(acc: np.ndarray, logits: np.ndarray, window: np.ndarray, row: int, col: int, *,
+               overwrite: bool = False) -> None:
     """Add one tile's weighted logits into ``acc`` in place.
+
+    With ``overwrite`` the weighting happens in ``logits`` itself (no
+    temporary), for callers that are done with them.
 
     ``acc`` is (K + 1, H, W) float32: channels ``:K`` hold ``sum(w * logits)``,
     channel ``K`` holds ``sum(w)``. ``logits`` is (K, T, T) at the output grid;
@@ -112,7 +115,8 @@ def accumulate(acc: np.ndarray, logits: np.ndarray, window: np.ndarray, row: int
     """
     k, t, _ = logits.shape
     region = acc[:, row : row + t, col : col + t]
-    region[:k] += logits * window
+    weighted = np.multiply(logits, window, out=logits if overwrite and logits.flags.writeable else None)
+    region[:k] += weighted
     region[k] += window
 
 

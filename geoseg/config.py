@@ -41,10 +41,10 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
 def _convert(tp: Any, value: Any, path: str) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
+        members = [a for a in get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(args[0], value, path)
+        return _convert(members[0], value, path)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"recipe key '{path}' must be a mapping, got {value!r}")

@@ -90,14 +90,15 @@ def _run_tiles(model: Runnable, x: np.ndarray, tile_mask: np.ndarray, origins: l
         xb = np.stack([x[:, r : r + tile, c : c + tile] for r, c in batch])
         logits = model(xb)
         for (r, c), lg in zip(batch, logits):
-            accumulate(acc, lg, window, r, c)
+            accumulate(acc, lg, window, r, c, overwrite=True)
     return len(todo), len(origins) - len(todo)
 
 
 def _prepare(model: Runnable, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Normalise raw values; invalid pixels become 0 (the band mean after normalisation)."""
     x = model.card.normalize(data)
-    x[:, ~valid] = 0.0
+    if not valid.all():
+        x[:, ~valid] = 0.0
     return x
 
 

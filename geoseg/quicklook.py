@@ -64,7 +64,7 @@ def write_quicklook(src: str | Path, bands: Sequence[int], classes_tif: str | Pa
     ax = fig.add_axes((0, 0, w / 100 / (w / 100 + 2.2), 1))
     ax.imshow(rgb, interpolation="nearest")
     ax.set_axis_off()
-    fig.legend(handles=[Patch(color=np.asarray(palette[c]) / 255, label=names[c]) for c in present],
+    fig.legend(handles=[Patch(color="#{:02x}{:02x}{:02x}".format(*palette[c]), label=names[c]) for c in present],
                loc="center right", frameon=False, fontsize=10)
     out_png = Path(out_png)
     tmp = out_png.with_name(f".{out_png.stem}.part.png")

@@ -42,6 +42,7 @@ def row_pixel_areas(grid: Grid, rows: slice) -> np.ndarray:
     from pyproj import CRS, Geod
 
     geod = Geod(ellps="WGS84") if crs.to_epsg() == 4326 else CRS.from_user_input(crs.to_wkt()).get_geod()
+    assert geod is not None  # a geographic CRS always has an ellipsoid
     r = np.arange(rows.start, rows.stop, dtype=np.float64)
     lat_top = f + e * r
     lat_bot = f + e * (r + 1)

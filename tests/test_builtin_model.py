@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import rasterio
 
 from geoseg.models.card import ModelCard
@@ -61,12 +60,12 @@ def test_golden_logits():
 
 
 def test_predict_sample_scene_offline(tmp_path, monkeypatch):
+    # no network: anything that tries a socket fails
+    import socket
+
     from click.testing import CliRunner
 
     from geoseg.cli.main import cli
-
-    # no network: anything that tries a socket fails
-    import socket
 
     def refuse(*a, **k):
         raise OSError("network disabled in this test")

@@ -22,11 +22,21 @@ def models() -> None:
         click.echo("No built-in models are installed; pass --model PATH to a .onnx or .safetensors model.")
         return
     table = Table(title="Built-in models")
-    for col in ("name", "classes", "bands", "GSD (m)", "held-out mIoU"):
+    table.add_column("name", no_wrap=True)
+    for col in ("classes", "bands", "GSD (m)", "held-out mIoU", "pixel acc."):
         table.add_column(col)
+    notes = []
     for name, path in found.items():
         c = ModelCard.load(path)
-        score = c.extra.get("metrics", {}).get("miou") if isinstance(c.extra.get("metrics"), dict) else None
+        m = c.extra.get("metrics") if isinstance(c.extra.get("metrics"), dict) else {}
+        miou, acc = m.get("miou"), m.get("pixel_accuracy")
         table.add_row(name, ", ".join(c.classes), ", ".join(c.bands or [str(c.in_channels)]),
-                      f"{c.gsd:g}" if c.gsd else "-", f"{score:.3f}" if score is not None else "-")
-    Console().print(table)
+                      f"{c.gsd:g}" if c.gsd else "-", f"{miou:.3f}" if miou is not None else "-",
+                      f"{acc:.3f}" if acc is not None else "-")
+        if isinstance(m.get("iou"), dict):
+            per = ", ".join(f"{k} {v:.3f}" for k, v in m["iou"].items() if v is not None)
+            notes.append(f"{name}: IoU on the {m.get('split', 'held-out')} split of {m.get('dataset', '?')}: {per}")
+    console = Console()
+    console.print(table)
+    for n in notes:
+        console.print(n)

@@ -58,7 +58,7 @@ def val(model: str, card: Path | None, data: Path | None, split: str, scene: Pat
     net = load_model(model, card=card, device=device)
     names = list(net.card.classes)
     if scene is not None:
-        mapping = {}
+        mapping: dict[str, str | int] = {}
         for pair in (label_map or "").split(","):
             if pair.strip():
                 if "=" not in pair:

@@ -134,7 +134,6 @@ class TorchBackend(Backend):
 
     def __init__(self, module: Any, card: ModelCard, *, device: str = "auto", amp: bool | None = None):
         super().__init__()
-        import torch
 
         self.card = card
         self.device = resolve_device(device)

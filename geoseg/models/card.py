@@ -88,12 +88,12 @@ class ModelCard:
     def normalize(self, raw: np.ndarray) -> np.ndarray:
         """Raw (C, H, W) values to float32 model input: ``(raw * input_scale - mean) / std``."""
         x = raw.astype(np.float32, copy=True)
-        if self.input_scale != 1.0:
-            x *= np.float32(self.input_scale)
+        # one multiply and one subtract: (raw * s - m) / d == raw * (s / d) - m / d
+        d = np.asarray(self.std if self.std is not None else [1.0] * x.shape[0], np.float64)[:, None, None]
+        m = np.asarray(self.mean if self.mean is not None else [0.0] * x.shape[0], np.float64)[:, None, None]
+        x *= (self.input_scale / d).astype(np.float32)
         if self.mean is not None:
-            x -= np.asarray(self.mean, np.float32)[:, None, None]
-        if self.std is not None:
-            x /= np.asarray(self.std, np.float32)[:, None, None]
+            x -= (m / d).astype(np.float32)
         return x
 
     def to_dict(self) -> dict[str, Any]:

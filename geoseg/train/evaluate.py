@@ -56,7 +56,7 @@ def _evaluate_geo(model: Any, spec: DatasetSpec, split: str, *, tile: int | None
 
 
 def evaluate_scene(model: Any, scene: str | Path, reference: str | Path | None, *,
-                   class_field: str | None = None, label_mapping: dict[Any, int] | None = None,
+                   class_field: str | None = None, label_mapping: dict[Any, Any] | None = None,
                    tile: int | None = None, overlap: int | None = None, batch_size: int = 4,
                    scheduler: Any = "threads") -> ConfusionMatrix:
     """Stream a confusion matrix over a whole raster; memory bounded by the block size.

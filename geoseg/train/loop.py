@@ -147,8 +147,9 @@ def train(recipe: Recipe, *, recipe_dir: Path = Path("."), resume: bool = False,
 
         model.load_state_dict(load_file(str(recipe_dir / recipe.model.init)))
     model.to(device)
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=o.lr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class ConfusionMatrix:
         total = self.matrix.sum()
         return float(np.trace(self.square) / total) if total else float("nan")
 
-    def summary(self, names: list[str]) -> dict[str, object]:
+    def summary(self, names: list[str]) -> dict[str, Any]:
         iou = self.iou()
         return {
             "miou": self.miou(),
