@@ -58,8 +58,9 @@ def run_measured(cmd: list[str]) -> tuple[float, float]:
     """Run a command; return (wall seconds, its peak RSS in MiB).
 
     The peak is the larger of the biggest single process's ``ru_maxrss``
-    (exact) and the sampled sum over the command's process tree (so worker
-    processes count too).
+    (exact) and the sampled sum of PSS over the command's process tree, so
+    worker processes count too, and pages a forked worker shares with its
+    parent count once rather than twice.
     """
     import psutil
 
@@ -74,7 +75,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float]:
     parent = psutil.Process(p.pid)
     while p.poll() is None:
         try:
-            tree_peak = max(tree_peak, sum(c.memory_info().rss for c in parent.children(recursive=True)))
+            tree_peak = max(tree_peak, sum(c.memory_full_info().pss for c in parent.children(recursive=True)))
         except psutil.Error:
             pass
         time.sleep(0.02)

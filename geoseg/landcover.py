@@ -20,7 +20,7 @@ from rasterio.windows import Window
 
 from .errors import ConfigError, OutputExistsError
 from .grid import Grid
-from .io.raster import BlockWriter, open_raster
+from .io.raster import BlockWriter, bounded_gdal_cache, open_raster
 from .io.styles import categorized_polygons_qml, write_text_atomic
 from .io.vector import PolygonWriter, vector_format
 from .stats import AreaTable, row_pixel_areas
@@ -96,6 +96,7 @@ def pixels_for_area(grid: Grid, min_area_m2: float) -> int:
     return max(1, math.ceil(min_area_m2 / pix))
 
 
+@bounded_gdal_cache
 def sieve(path: Path, min_area_m2: float, *, halo: int = 1024) -> int:
     """Replace regions smaller than ``min_area_m2`` by their largest neighbour, in place.
 
@@ -141,6 +142,7 @@ def sieve(path: Path, min_area_m2: float, *, halo: int = 1024) -> int:
     return size
 
 
+@bounded_gdal_cache
 def vectorize(src: str | Path, output: str | Path, *, fmt: str = "gpkg", simplify: float | None = None,
               overwrite: bool = False, block: int | None = None, num_workers: int | None = None) -> dict[str, Any]:
     """Polygons of a class raster (merged across blocks) to ``output`` with a QGIS style.
@@ -195,6 +197,7 @@ def _metres_to_crs_units(grid: Grid, metres: float) -> float:
     return metres / 111_320.0  # degrees of latitude; longitude shrinks with latitude
 
 
+@bounded_gdal_cache
 def area_stats(src: str | Path, *, zones: str | Path | None = None, zone_field: str | None = None,
                block: int = BLOCK) -> AreaTable:
     """Per-class (and per-zone) areas, exact from the class raster and its transform."""

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io.raster import bounded_gdal_cache
+
 MAX_SIDE = 1200
 
 
@@ -31,6 +33,7 @@ def stretch(img: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
+@bounded_gdal_cache
 def write_quicklook(src: str | Path, bands: Sequence[int], classes_tif: str | Path, out_png: str | Path,
                     names: Sequence[str], palette: Sequence[tuple[int, int, int]], *, nodata: int = 255,
                     alpha: float = 0.45, max_side: int = MAX_SIDE) -> Path:

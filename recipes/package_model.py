@@ -50,8 +50,12 @@ def main() -> None:
         extra["provenance"] = dict(extra["provenance"], dataset=str(args.data))
     current = ["#{:02x}{:02x}{:02x}".format(*rgb) for rgb in card.palette()]
     colors = tuple(LANDCOVER_COLORS.get(n, c) for n, c in zip(names, current))
+    recipe = extra.get("provenance", {}).get("recipe", {})
+    extras = recipe.get("data", {}).get("extra_datasets") or []
+    also = f", with {', '.join(Path(x).stem for x in extras)} mixed in" if extras else ""
     description = (f"{card.architecture} land cover ({', '.join(names)}) trained on the Dubai aerial "
-                   f"imagery of MBRSC / Humans in the Loop (CC0); held out: {args.split} split of {args.data.name}")
+                   f"imagery of MBRSC / Humans in the Loop (CC0){also}; held out: the {args.split} split "
+                   f"of {args.data.name}")
     card = dataclasses.replace(card, gsd=args.gsd, colors=colors, tile_size=args.tile_size, license="Apache-2.0",
                                description=description, extra=extra)
     path = save_model(net.module, card, args.out / f"{card.name}.safetensors", half=True)

@@ -85,7 +85,7 @@ def test_predict_sample_scene_offline(tmp_path, monkeypatch):
     # the field: bare soil on the left is land, the crop rows on the right are vegetation
     left, right = cls[:, :200], cls[:, 500:]
     assert (left == 1).mean() > 0.6
-    assert (right == 3).mean() > 0.6
+    assert (right == 3).mean() > 0.6  # 0.70 when the golden logits were made
 
 
 if __name__ == "__main__":

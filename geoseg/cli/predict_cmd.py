@@ -34,7 +34,8 @@ def _bands(value: str | None) -> list[int] | None:
 @click.option("--batch-size", type=int, help="Tiles per forward pass [default: sized to the device].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--scheduler", help="dask.distributed scheduler address [default: local threads].")
-@click.option("--workers", "num_workers", type=int, help="Local threads [default: CPU count].")
+@click.option("--workers", "num_workers", type=int,
+              help="Local inference threads and polygonizing processes [default: CPU count].")
 @click.option("--bands", "bands", help="1-based bands to read, e.g. 1,2,3 [default: all but alpha].")
 @click.option("--confidence", is_flag=True, help="Also write confidence.tif (max softmax).")
 @click.option("--no-polygons", is_flag=True, help="Skip the polygon layer.")

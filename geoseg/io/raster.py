@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from xml.sax.saxutils import escape
 
 import numpy as np
@@ -23,8 +24,26 @@ from rasterio.windows import Window
 from ..errors import InputNotFoundError, NotARasterError
 from ..grid import Grid, reflect_index
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 #: GDAL block cache while writing; keeps the COG conversion's memory flat.
 GDAL_CACHEMAX_MB = 64
+
+
+def bounded_gdal_cache(func: F) -> F:
+    """Run ``func`` with GDAL's block cache capped at GDAL_CACHEMAX_MB.
+
+    Everything here reads and writes by blocks itself; GDAL's default cache
+    (5 % of RAM) would only grow with the scene.
+    """
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX_MB):
+            return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def open_raster(path: str | Path) -> Any:
