@@ -82,31 +82,49 @@ class BlockResult:
     sides: dict[str, np.ndarray] = field(default_factory=dict)  # "top"/"bottom"/"left"/"right" -> piece per pixel
 
 
-def shapes_to_polygons(shapes: Iterator[tuple[dict[str, Any], float]]) -> tuple[np.ndarray, np.ndarray]:
+def shapes_to_polygons(shapes: Iterator[tuple[dict[str, Any], float]], *,
+                       chunk_vertices: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:
     """GeoJSON-like polygons (as ``rasterio.features.shapes`` yields them) -> shapely array, values.
 
-    All rings go into one coordinate array and the polygons are built in one
-    call, which is several times faster than ``shape()`` per polygon.
+    Rings are gathered into one coordinate array and the polygons built in
+    one call per chunk of about ``chunk_vertices`` vertices — several times
+    faster than ``shape()`` per polygon, and the Python coordinate lists
+    never hold more than one chunk.
     """
+    parts: list[np.ndarray] = []
+    values: list[float] = []
     coords: list[Any] = []
     ring_sizes: list[int] = []
     ring_counts: list[int] = []
-    values: list[float] = []
+
+    def flush() -> None:
+        n = sum(ring_sizes)
+        flat = itertools.chain.from_iterable(itertools.chain.from_iterable(coords))
+        xy = np.fromiter(flat, dtype=np.float64, count=2 * n).reshape(n, 2)
+        ring_off = np.concatenate([[0], np.cumsum(ring_sizes)])
+        poly_off = np.concatenate([[0], np.cumsum(ring_counts)])
+        parts.append(shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy, (ring_off, poly_off)))
+        coords.clear()
+        ring_sizes.clear()
+        ring_counts.clear()
+
+    pending = 0
     for geom, value in shapes:
         rings = geom["coordinates"]
         ring_counts.append(len(rings))
         for ring in rings:
             ring_sizes.append(len(ring))
             coords.append(ring)
+            pending += len(ring)
         values.append(value)
+        if pending >= chunk_vertices:
+            flush()
+            pending = 0
+    if ring_counts:
+        flush()
     if not values:
         return np.array([], dtype=object), np.array([], np.int64)
-    n = sum(ring_sizes)
-    flat = itertools.chain.from_iterable(itertools.chain.from_iterable(coords))
-    xy = np.fromiter(flat, dtype=np.float64, count=2 * n).reshape(n, 2)
-    ring_off = np.concatenate([[0], np.cumsum(ring_sizes)])
-    poly_off = np.concatenate([[0], np.cumsum(ring_counts)])
-    polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy, (ring_off, poly_off))
+    polys = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return polys, np.asarray(values).astype(np.int64)
 
 
