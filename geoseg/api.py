@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import BandCountError, ConfigError, OutputExistsError
 from .grid import Grid, Layout
-from .io.raster import GDAL_CACHEMAX_MB, BlockWriter, RasterSource, class_tags, data_bands, open_raster
+from .io.raster import BlockWriter, RasterSource, bounded_gdal_cache, class_tags, data_bands, open_raster
 from .io.styles import paletted_raster_qml, write_text_atomic
 from .models.backends import Backend, auto_batch_size
 from .models.loading import ModelSpec, load_model
@@ -80,6 +80,7 @@ def _scheduler(scheduler: Any) -> tuple[Any, Any]:
     return scheduler, None  # a distributed.Client the caller owns
 
 
+@bounded_gdal_cache
 def predict(
     src: str | Path,
     output: str | Path | None = None,
@@ -200,23 +201,20 @@ def predict(
 
     t_setup = time.perf_counter()
 
-    import rasterio
-
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX_MB):
-        try:
-            stream_blocks(source, model_ref, layout, opts, sink, scheduler=sched,
-                          num_workers=num_workers)
-            t_infer = time.perf_counter()
-            writers["classes"].finish(resampling="mode", category_names=list(mc.classes))
-            if "confidence" in writers:
-                writers["confidence"].finish(resampling="average")
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
-        finally:
-            if client is not None:
-                client.close()
+    try:
+        stream_blocks(source, model_ref, layout, opts, sink, scheduler=sched,
+                      num_workers=num_workers)
+        t_infer = time.perf_counter()
+        writers["classes"].finish(resampling="mode", category_names=list(mc.classes))
+        if "confidence" in writers:
+            writers["confidence"].finish(resampling="average")
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        if client is not None:
+            client.close()
     write_text_atomic(out / "classes.qml", paletted_raster_qml(list(mc.classes), palette))
     t_cog = time.perf_counter()
     from .landcover import area_stats, sieve, vectorize, write_stats

@@ -166,7 +166,9 @@ def vectorize(src: str | Path, output: str | Path, *, fmt: str = "gpkg", simplif
     held: list[Batch] = []
     sink = held.append if simplify else writer.write_batch  # coverage simplification needs the whole coverage
     try:
-        n = polygonize_raster(src, grid.shape, grid.transform, writer.measure, sink=sink, nodata=nodata,
+        # simplified polygons are measured when written, not before
+        n = polygonize_raster(src, grid.shape, grid.transform, None if simplify else writer.measure,
+                              sink=sink, nodata=nodata,
                               block=block, num_workers=num_workers)
         if simplify and held:
             import shapely

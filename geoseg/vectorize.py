@@ -167,14 +167,14 @@ def to_crs_coords(geoms: np.ndarray, transform: Affine) -> np.ndarray:
     return shapely.transform(geoms, apply)
 
 
-def _batch(polys: np.ndarray, ids: np.ndarray, transform: Affine, measure: Measure) -> Batch:
+def _batch(polys: np.ndarray, ids: np.ndarray, transform: Affine, measure: Measure | None) -> Batch:
     geoms = to_crs_coords(polys, transform)
-    area, perimeter = measure(geoms)
+    area, perimeter = measure(geoms) if measure is not None else (np.zeros(len(geoms)), np.zeros(len(geoms)))
     return Batch(shapely.to_wkb(geoms), ids.astype(np.int32), area, perimeter)
 
 
 def polygonize_block(classes: np.ndarray, row0: int, col0: int, grid_shape: tuple[int, int],
-                     transform: Affine, measure: Measure, *, nodata: int = 255,
+                     transform: Affine, measure: Measure | None, *, nodata: int = 255,
                      connectivity: int = 4) -> BlockResult:
     """Polygonize one (h, w) uint8 block whose top-left pixel is (row0, col0) in the grid."""
     import warnings
@@ -203,7 +203,7 @@ def polygonize_block(classes: np.ndarray, row0: int, col0: int, grid_shape: tupl
 
 
 def _read_and_polygonize(path: str, r0: int, c0: int, h: int, w: int, grid_shape: tuple[int, int],
-                         transform: Affine, measure: Measure, nodata: int) -> BlockResult:
+                         transform: Affine, measure: Measure | None, nodata: int) -> BlockResult:
     import rasterio
     from rasterio.windows import Window
 
@@ -214,7 +214,7 @@ def _read_and_polygonize(path: str, r0: int, c0: int, h: int, w: int, grid_shape
     return polygonize_block(classes, r0, c0, grid_shape, transform, measure, nodata=nodata)
 
 
-def _union_groups(groups: list[np.ndarray], ids: list[int], transform: Affine, measure: Measure) -> Batch:
+def _union_groups(groups: list[np.ndarray], ids: list[int], transform: Affine, measure: Measure | None) -> Batch:
     """Union each group of pieces (pixel coordinates) and split it into its connected polygons."""
     parts, part_ids = [], []
     for members, cid in zip(groups, ids):
@@ -285,13 +285,15 @@ class _Runner:
             self.pool.shutdown(cancel_futures=True)
 
 
-def polygonize_raster(path: str | Path, grid_shape: tuple[int, int], transform: Affine, measure: Measure, *,
+def polygonize_raster(path: str | Path, grid_shape: tuple[int, int], transform: Affine, measure: Measure | None, *,
                       sink: Callable[[Batch], None], nodata: int = 255, block: int | None = None,
                       num_workers: int | None = None) -> int:
     """Polygonize a uint8 class raster by blocks; ``sink`` receives batches of finished polygons.
 
     ``block`` is a square block side in pixels (default: full-width strips,
-    see :func:`block_shape`). Returns the number of polygons emitted.
+    see :func:`block_shape`). ``measure`` None leaves area and perimeter at 0
+    (for callers that change the polygons before writing them). Returns the
+    number of polygons emitted.
     """
     import os
 

@@ -28,7 +28,8 @@ def models() -> None:
     notes = []
     for name, path in found.items():
         c = ModelCard.load(path)
-        m = c.extra.get("metrics") if isinstance(c.extra.get("metrics"), dict) else {}
+        found_metrics = c.extra.get("metrics")
+        m: dict = found_metrics if isinstance(found_metrics, dict) else {}
         miou, acc = m.get("miou"), m.get("pixel_accuracy")
         table.add_row(name, ", ".join(c.classes), ", ".join(c.bands or [str(c.in_channels)]),
                       f"{c.gsd:g}" if c.gsd else "-", f"{miou:.3f}" if miou is not None else "-",

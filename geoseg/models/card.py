@@ -91,7 +91,8 @@ class ModelCard:
         # one multiply and one subtract: (raw * s - m) / d == raw * (s / d) - m / d
         d = np.asarray(self.std if self.std is not None else [1.0] * x.shape[0], np.float64)[:, None, None]
         m = np.asarray(self.mean if self.mean is not None else [0.0] * x.shape[0], np.float64)[:, None, None]
-        x *= (self.input_scale / d).astype(np.float32)
+        if self.input_scale != 1.0 or self.std is not None:
+            x *= (self.input_scale / d).astype(np.float32)
         if self.mean is not None:
             x -= (m / d).astype(np.float32)
         return x
