@@ -18,7 +18,7 @@ from .errors import BandCountError, ConfigError, OutputExistsError
 from .grid import Grid, Layout
 from .io.raster import BlockWriter, RasterSource, bounded_gdal_cache, class_tags, data_bands, open_raster
 from .io.styles import paletted_raster_qml, write_text_atomic
-from .models.backends import Backend, auto_batch_size
+from .models.backends import Backend, auto_batch_size, available_cores
 from .models.loading import ModelSpec, load_model
 from .pipeline import (
     NODATA,
@@ -64,6 +64,15 @@ def _check_outputs(out: Path, names: Sequence[str], overwrite: bool) -> None:
         )
 
 
+def block_threads(net: Backend) -> int:
+    """Local threads working on blocks: one more than can compute at once.
+
+    While a thread reads, blends or resolves a block, the spare one keeps
+    every stream (and core) busy with a forward pass.
+    """
+    return max(available_cores(), net.streams) + 1
+
+
 def _scheduler(scheduler: Any) -> tuple[Any, Any]:
     """(scheduler for stream_blocks, client to close or None)."""
     if scheduler in (None, "threads", "local"):
@@ -93,6 +102,7 @@ def predict(
     margin: int | None = None,
     batch_size: int | None = None,
     device: str = "auto",
+    streams: int | None = None,
     scheduler: Any = None,
     num_workers: int | None = None,
     bands: Sequence[int] | None = None,
@@ -114,6 +124,8 @@ def predict(
     (max softmax, float32, nodata -1) and ``run.json``. ``model`` is a name,
     a path or a loaded model (see :func:`geoseg.load_model`); ``bands`` are
     1-based band indexes (default: every band that is not alpha).
+    ``streams`` is how many forward passes run at once (see
+    :func:`geoseg.load_model`; ignored for an already loaded model).
     ``scheduler`` is ``None``/``"threads"`` (local threads), ``"sync"``, a
     ``tcp://`` address or a ``distributed.Client``. ``progress(done, total)``
     is called once per finished block.
@@ -142,7 +154,7 @@ def predict(
         if bad:
             raise ConfigError(f"band {bad[0]} does not exist; {src} has bands 1..{ds.count}")
 
-    net = model if isinstance(model, Backend) else load_model(model, card=card, device=device)
+    net = model if isinstance(model, Backend) else load_model(model, card=card, device=device, streams=streams)
     mc = net.card
     if len(use) != mc.in_channels:
         expect = f" ({', '.join(mc.bands)})" if mc.bands else ""
@@ -167,7 +179,7 @@ def predict(
         spec = getattr(net, "spec", None)
         if spec is None:
             raise ConfigError("a model passed as an object cannot be sent to a cluster; pass its path")
-        model_ref = ModelSpec(spec.model, spec.card, device)
+        model_ref = ModelSpec(spec.model, spec.card, device, streams)
     source = RasterSource(str(Path(src).resolve()) if Path(str(src)).exists() else str(src), tuple(use))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +215,7 @@ def predict(
 
     try:
         stream_blocks(source, model_ref, layout, opts, sink, scheduler=sched,
-                      num_workers=num_workers)
+                      num_workers=num_workers or block_threads(net))
         t_infer = time.perf_counter()
         writers["classes"].finish(resampling="mode", category_names=list(mc.classes))
         if "confidence" in writers:
@@ -255,7 +267,8 @@ def predict(
             "tile_size": layout.tile, "overlap": layout.overlap, "stride": layout.stride,
             "block_size": layout.block, "blend": blend if isinstance(blend, str) else repr(blend),
             "margin": default_margin(layout.overlap) if margin is None else margin,
-            "batch_size": bs, "device": net.device, "bands": use, "confidence": confidence,
+            "batch_size": bs, "device": net.device, "streams": net.streams,
+            "threads_per_stream": net.threads, "bands": use, "confidence": confidence,
             "scheduler": sched if isinstance(sched, str) else str(scheduler),
             "polygons": polygons, "min_area_m2": min_area, "simplify_m": simplify,
             "vector_format": vector_format, "zones": str(zones) if zones else None,

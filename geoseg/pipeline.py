@@ -61,9 +61,13 @@ class RunOptions:
     margin: int | None = None  # None: default_margin(overlap)
 
     def window(self) -> np.ndarray:
-        """The (tile, tile) blending window these options describe."""
-        m = default_margin(self.overlap) if self.margin is None else self.margin
-        return make_window(self.blend, self.tile, m)
+        """The (tile, tile) blending window these options describe (made once, shared: do not modify)."""
+        w = self.__dict__.get("_window")
+        if w is None:
+            m = default_margin(self.overlap) if self.margin is None else self.margin
+            w = make_window(self.blend, self.tile, m)
+            object.__setattr__(self, "_window", w)
+        return w
 
 
 @dataclass
@@ -77,29 +81,28 @@ class BlockOut:
     tiles_skipped: int
 
 
-def _run_tiles(model: Runnable, x: np.ndarray, tile_mask: np.ndarray, origins: list[tuple[int, int]],
-               acc: np.ndarray, window: np.ndarray, tile: int, batch_size: int) -> tuple[int, int]:
-    """Run the tiles at local ``origins`` of ``x`` (C, H, W) through ``model`` into ``acc``.
+def _run_tiles(model: Runnable, data: np.ndarray, valid: np.ndarray, tile_mask: np.ndarray,
+               origins: list[tuple[int, int]], acc: np.ndarray, window: np.ndarray, tile: int,
+               batch_size: int) -> tuple[int, int]:
+    """Run the tiles at local ``origins`` of raw ``data`` (C, H, W) through ``model`` into ``acc``.
 
-    A tile whose in-raster pixels are all invalid (``tile_mask``) is skipped.
-    Returns (tiles run, tiles skipped).
+    Tiles are normalised batch by batch (raw values are stacked, so the
+    float32 input is written once); pixels where ``valid`` is False become 0,
+    the band mean after normalisation. A tile whose in-raster pixels are all
+    invalid (``tile_mask``) is skipped. Returns (tiles run, tiles skipped).
     """
     todo = [(r, c) for r, c in origins if tile_mask[r : r + tile, c : c + tile].any()]
+    all_valid = bool(valid.all())
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
-        xb = np.stack([x[:, r : r + tile, c : c + tile] for r, c in batch])
+        xb = model.card.normalize(np.stack([data[:, r : r + tile, c : c + tile] for r, c in batch]))
+        if not all_valid:
+            vb = np.stack([valid[r : r + tile, c : c + tile] for r, c in batch])
+            np.copyto(xb, np.float32(0.0), where=~vb[:, None])
         logits = model(xb)
         for (r, c), lg in zip(batch, logits):
-            accumulate(acc, lg, window, r, c, overwrite=True)
+            accumulate(acc, lg, window, r, c)
     return len(todo), len(origins) - len(todo)
-
-
-def _prepare(model: Runnable, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Normalise raw values; invalid pixels become 0 (the band mean after normalisation)."""
-    x = model.card.normalize(data)
-    if not valid.all():
-        x[:, ~valid] = 0.0
-    return x
 
 
 def _histogram(classes: np.ndarray, k: int) -> np.ndarray:
@@ -131,8 +134,7 @@ def predict_array(
     inside[:h, :w] = True
     acc = np.zeros((card.num_classes + 1, *ok.shape), np.float32)
     origins = [(r * s, q * s) for r in range(nr) for q in range(nc)]
-    run, skipped = _run_tiles(model, _prepare(model, data, ok), ok & inside, origins, acc,
-                              opts.window(), t, opts.batch_size)
+    run, skipped = _run_tiles(model, data, ok, ok & inside, origins, acc, opts.window(), t, opts.batch_size)
     v = ok[:h, :w]
     classes, conf = resolve(acc[:, :h, :w], v, nodata=NODATA, confidence=opts.confidence)
     return BlockOut(classes, conf, _histogram(classes, card.num_classes), run, skipped)
@@ -164,8 +166,8 @@ def process_block(source: Source, model_ref: Any, layout: Layout, opts: RunOptio
     inside = in_r[:, None] & in_c[None, :]
     acc = np.zeros((model.card.num_classes + 1, *ok.shape), np.float32)
     origins = [(r - rows.start, c - cols.start) for r, c in layout.block_tiles(i, j)]
-    run, skipped = _run_tiles(model, _prepare(model, data, ok), ok & inside, origins, acc,
-                              opts.window(), layout.tile, opts.batch_size)
+    run, skipped = _run_tiles(model, data, ok, ok & inside, origins, acc, opts.window(), layout.tile,
+                              opts.batch_size)
     del data
     for strip in (from_top, from_left, from_corner):
         if strip is not None:
@@ -248,15 +250,23 @@ def stream_blocks(source: Source, model_ref: Any, layout: Layout, opts: RunOptio
     import dask
 
     if isinstance(scheduler, str):
+        # A plain task graph: nothing to tokenize, so the first block starts at once.
+        from dask.local import get_sync
+        from dask.threaded import get as get_threaded
+
         store = StripStore()
-        tasks: dict[tuple[int, int], Any] = {}
+        dsk: dict[str, tuple[Any, ...]] = {}
         for i, j in layout.iter_blocks():
-            after = [tasks[k] for k in ((i - 1, j), (i, j - 1), (i - 1, j - 1)) if k in tasks]
-            tasks[i, j] = dask.delayed(_block_in_process, pure=False)(
-                store, source, model_ref, layout, opts, i, j, sink, *after,
-                dask_key_name=f"geoseg-block-{i}-{j}",
-            )
-        dask.compute(list(tasks.values()), scheduler=scheduler, num_workers=num_workers)
+            after = [f"geoseg-block-{a}-{b}" for a, b in ((i - 1, j), (i, j - 1), (i - 1, j - 1))
+                     if a >= 0 and b >= 0]
+            dsk[f"geoseg-block-{i}-{j}"] = (_block_in_process, store, source, model_ref, layout, opts, i, j,
+                                            sink, *after)
+        if scheduler == "sync":
+            get_sync(dsk, list(dsk))
+        elif scheduler == "threads":
+            get_threaded(dsk, list(dsk), num_workers=num_workers)
+        else:
+            raise ValueError(f"unknown local scheduler {scheduler!r}; use 'threads' or 'sync'")
         return
 
     nbi, nbj = layout.blocks

@@ -207,9 +207,9 @@ def _read_and_polygonize(path: str, r0: int, c0: int, h: int, w: int, grid_shape
     import rasterio
     from rasterio.windows import Window
 
-    from .io.raster import GDAL_CACHEMAX_MB
+    from .io.raster import GDAL_CACHE_BYTES
 
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX_MB), rasterio.open(path) as ds:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(path) as ds:
         classes = ds.read(1, window=Window(c0, r0, w, h))
     return polygonize_block(classes, r0, c0, grid_shape, transform, measure, nodata=nodata)
 

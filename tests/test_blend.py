@@ -46,3 +46,13 @@ def test_callable_windows_and_their_checks():
         make_window(lambda n: np.linspace(0, 1, n), 16)  # a ramp to 0 leaves unweighted pixels
     with pytest.raises(ConfigError, match="shape"):
         make_window(lambda n: np.ones(n + 1), 16)
+
+
+def test_argmax_classes_equals_numpy_argmax_ties_included():
+    from geoseg.blend import argmax_classes
+
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 4, (6, 37, 41)).astype(np.float32)  # many ties
+    got = argmax_classes(scores)
+    assert got.dtype == np.uint8
+    assert np.array_equal(got, np.argmax(scores, axis=0))

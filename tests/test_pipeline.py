@@ -136,3 +136,24 @@ def test_infer_matches_predict_for_in_memory_images(tmp_path, cnn_model):
     assert conf.shape == classes.shape and conf.dtype == np.float32
     c2, _ = cnn_model.infer(path)
     assert np.array_equal(c2, classes)
+
+
+def test_gdal_block_cache_is_capped_in_bytes_while_predicting(tmp_path, cnn_model, monkeypatch):
+    # rasterio passes GDAL_CACHEMAX to GDALSetCacheMax64 in bytes: a cap of "64" would be
+    # 64 bytes, and every read would decompress its source blocks again.
+    from rasterio._env import get_gdal_config
+
+    from geoseg.io.raster import GDAL_CACHE_BYTES
+
+    seen = []
+    read = RasterSource.read
+
+    def spy(self, rows, cols):
+        seen.append(get_gdal_config("GDAL_CACHEMAX"))
+        return read(self, rows, cols)
+
+    monkeypatch.setattr(RasterSource, "read", spy)
+    path = write_raster(tmp_path / "c.tif", smooth_image((3, 96, 96)))
+    geoseg.predict(path, tmp_path / "out", model=cnn_model, polygons=False)
+    assert seen and set(seen) == {GDAL_CACHE_BYTES}
+    assert 16 * 2**20 <= GDAL_CACHE_BYTES <= 256 * 2**20

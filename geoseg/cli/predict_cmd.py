@@ -33,9 +33,11 @@ def _bands(value: str | None) -> list[int] | None:
               help="Outer tile pixels given almost no weight [default: overlap/4].")
 @click.option("--batch-size", type=int, help="Tiles per forward pass [default: sized to the device].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--streams", type=click.IntRange(min=1),
+              help="Forward passes run at once; on CPU each gets cores/streams threads [default: 2 on CPU].")
 @click.option("--scheduler", help="dask.distributed scheduler address [default: local threads].")
 @click.option("--workers", "num_workers", type=int,
-              help="Local inference threads and polygonizing processes [default: CPU count].")
+              help="Local block threads [default: CPU count + 1] and polygonizing processes [default: CPU count].")
 @click.option("--bands", "bands", help="1-based bands to read, e.g. 1,2,3 [default: all but alpha].")
 @click.option("--confidence", is_flag=True, help="Also write confidence.tif (max softmax).")
 @click.option("--no-polygons", is_flag=True, help="Skip the polygon layer.")
@@ -51,7 +53,7 @@ def _bands(value: str | None) -> list[int] | None:
 @one_line_errors
 def predict(src: Path, output: Path | None, model: str | None, card: Path | None,
             tile_size: int | None, overlap: int | None, blend: str, margin: int | None, batch_size: int | None,
-            device: str, scheduler: str | None, num_workers: int | None, bands: str | None,
+            device: str, streams: int | None, scheduler: str | None, num_workers: int | None, bands: str | None,
             confidence: bool, no_polygons: bool, min_area: float | None, simplify: float | None,
             vector_format: str, zones: Path | None, zone_field: str | None, quicklook: bool, overwrite: bool,
             quiet: bool) -> None:
@@ -65,7 +67,8 @@ def predict(src: Path, output: Path | None, model: str | None, card: Path | None
         model = default_model()
     with progress_bar(quiet, "Predicting") as update:
         result = run(src, output, model=model, card=card, tile_size=tile_size, overlap=overlap,
-                     blend=blend, margin=margin, batch_size=batch_size, device=device, scheduler=scheduler,
+                     blend=blend, margin=margin, batch_size=batch_size, device=device, streams=streams,
+                     scheduler=scheduler,
                      num_workers=num_workers, bands=_bands(bands), confidence=confidence,
                      polygons=not no_polygons, min_area=min_area, simplify=simplify,
                      vector_format=vector_format, zones=zones, zone_field=zone_field,

@@ -26,12 +26,14 @@ from ..grid import Grid, reflect_index
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: GDAL block cache while writing; keeps the COG conversion's memory flat.
-GDAL_CACHEMAX_MB = 64
+#: GDAL block cache, in bytes (rasterio hands GDAL_CACHEMAX to GDALSetCacheMax64,
+#: so a bare 64 would mean 64 bytes: no cache at all). Big enough to keep the
+#: blocks a read or write touches; small enough that memory does not follow the scene.
+GDAL_CACHE_BYTES = 64 * 2**20
 
 
 def bounded_gdal_cache(func: F) -> F:
-    """Run ``func`` with GDAL's block cache capped at GDAL_CACHEMAX_MB.
+    """Run ``func`` with GDAL's block cache capped at :data:`GDAL_CACHE_BYTES`.
 
     Everything here reads and writes by blocks itself; GDAL's default cache
     (5 % of RAM) would only grow with the scene.
@@ -40,7 +42,7 @@ def bounded_gdal_cache(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX_MB):
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
             return func(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

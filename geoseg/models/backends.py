@@ -3,9 +3,16 @@
 A backend maps float32 (B, C, H, W) input to float32 logits (B, K, H, W) at
 the input's resolution: a head that predicts at a stride (YOLO-style models
 predict at H/8) is upsampled bilinearly here, so blending happens on the
-output grid. Calls are serialised with a lock: one forward at a time per
-process keeps the device (all CPU cores, or one GPU stream) busy without
-oversubscription, while other threads read, normalise and blend.
+output grid.
+
+At most ``streams`` forward passes run at once per process; other threads
+read, normalise and blend meanwhile. On a GPU one stream keeps the device
+busy. On CPU the cores are split between streams (``cores // streams``
+intra-op threads each): a small network's forward pass does not scale
+linearly over threads, and a thread-parallel forward stalls whenever
+another thread (reading, blending) takes one of its cores, while
+independent single-threaded streams do not. Two streams is the default;
+on two cores it runs geoseg-n-sem about 20 % faster than one stream on both.
 """
 
 from __future__ import annotations
@@ -43,6 +50,23 @@ def resolve_device(device: str = "auto") -> str:
     raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (affinity and cgroup-pinned sets respected)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_streams(streams: int | None, device: str) -> tuple[int, int]:
+    """(concurrent forward passes, intra-op threads each) for ``device``."""
+    if not device.startswith("cpu"):
+        return max(1, streams or 1), 0
+    cores = available_cores()
+    n = max(1, min(streams or 2, cores))
+    return n, max(1, cores // n)
+
+
 def auto_batch_size(device: str, tile: int, in_channels: int, *, bytes_per_pixel: int = 6000) -> int:
     """Tiles per forward pass that fit the device.
 
@@ -73,13 +97,16 @@ class Backend:
 
     card: ModelCard
     device: str = "cpu"
+    streams: int = 1  # forward passes that may run at once
+    threads: int = 0  # intra-op threads per stream on CPU (0: the runtime's default)
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def _set_streams(self, streams: int | None) -> None:
+        self.streams, self.threads = cpu_streams(streams, self.device)
+        self._slots = threading.BoundedSemaphore(self.streams)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 (B, C, H, W) -> float32 logits (B, K, H, W)."""
-        with self._lock:
+        with self._slots:
             return self._forward(x)
 
     def _forward(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
@@ -130,19 +157,25 @@ class Backend:
 
 
 class TorchBackend(Backend):
-    """Runs an ``nn.Module`` in eval mode; AMP (fp16 autocast) on CUDA."""
+    """Runs an ``nn.Module`` in eval mode; AMP (fp16 autocast) on CUDA.
 
-    def __init__(self, module: Any, card: ModelCard, *, device: str = "auto", amp: bool | None = None):
-        super().__init__()
+    On CPU, torch's intra-op thread count is process-wide: the first forward
+    pass sets it to :attr:`threads`.
+    """
 
+    def __init__(self, module: Any, card: ModelCard, *, device: str = "auto", amp: bool | None = None,
+                 streams: int | None = None):
         self.card = card
         self.device = resolve_device(device)
+        self._set_streams(streams)
         self.amp = self.device.startswith("cuda") if amp is None else bool(amp and self.device != "cpu")
         self.module = module.to(self.device).eval()
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         import torch
 
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         cuda = self.device.startswith("cuda")
         if cuda:
@@ -158,8 +191,7 @@ class TorchBackend(Backend):
 class OnnxBackend(Backend):
     """Runs an ONNX graph with ONNX Runtime (CUDA provider when on a GPU)."""
 
-    def __init__(self, path: str | Path, card: ModelCard, *, device: str = "auto"):
-        super().__init__()
+    def __init__(self, path: str | Path, card: ModelCard, *, device: str = "auto", streams: int | None = None):
         import onnxruntime as ort
 
         self.card = card
@@ -177,8 +209,9 @@ class OnnxBackend(Backend):
         if use_cuda:
             dev_id = int(want.split(":")[1]) if ":" in want else 0
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": dev_id}))
+        self._set_streams(streams)
         so = ort.SessionOptions()
-        so.intra_op_num_threads = os.cpu_count() or 1
+        so.intra_op_num_threads = self.threads or available_cores()
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
         except Exception as e:  # onnxruntime raises its own untyped errors

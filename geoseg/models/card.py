@@ -86,7 +86,7 @@ class ModelCard:
         return [_hex_to_rgb(c, self.name) for c in cols]
 
     def normalize(self, raw: np.ndarray) -> np.ndarray:
-        """Raw (C, H, W) values to float32 model input: ``(raw * input_scale - mean) / std``."""
+        """Raw (..., C, H, W) values to float32 model input: ``(raw * input_scale - mean) / std``."""
         x = raw.astype(np.float32, copy=True)
         # one multiply and one subtract: (raw * s - m) / d == raw * (s / d) - m / d
         d = np.asarray(self.std if self.std is not None else [1.0] * x.shape[0], np.float64)[:, None, None]

@@ -26,9 +26,10 @@ class ModelSpec:
     model: str
     card: str | None = None
     device: str = "auto"
+    streams: int | None = None
 
     def load(self) -> Backend:
-        return load_model(self.model, card=self.card, device=self.device)
+        return load_model(self.model, card=self.card, device=self.device, streams=self.streams)
 
 
 _PROCESS_CACHE: dict[ModelSpec, Backend] = {}
@@ -75,6 +76,7 @@ def load_model(
     card: str | Path | ModelCard | None = None,
     device: str = "auto",
     amp: bool | None = None,
+    streams: int | None = None,
 ) -> Backend:
     """Load a model the predict engine can run.
 
@@ -82,7 +84,9 @@ def load_model(
     ``.onnx`` file or a ``.safetensors`` checkpoint (card: the ``.yaml`` with
     the same stem beside it, or ``card``), a directory holding one of those,
     a ``torch.nn.Module`` (``card`` required) or an already loaded backend.
-    The result has ``.infer(array_or_path)`` for in-memory use.
+    The result has ``.infer(array_or_path)`` for in-memory use. ``streams``
+    is how many forward passes may run at once (CPU default 2, each on
+    ``cores // streams`` threads; GPU 1).
     """
     if isinstance(model, Backend):
         return model
@@ -90,9 +94,10 @@ def load_model(
         if card is None:
             raise ModelCardError("a torch module needs a card: load_model(module, card=ModelCard(...))")
         c = card if isinstance(card, ModelCard) else ModelCard.load(card)
-        return TorchBackend(model, c, device=device, amp=amp)
+        return TorchBackend(model, c, device=device, amp=amp, streams=streams)
 
-    spec = ModelSpec(str(model), None if card is None or isinstance(card, ModelCard) else str(card), device)
+    spec = ModelSpec(str(model), None if card is None or isinstance(card, ModelCard) else str(card), device,
+                     streams)
     path = Path(model)
     builtins = builtin_models()
     if not path.exists() and str(model) in builtins:
@@ -109,9 +114,10 @@ def load_model(
         )
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        backend: Backend = OnnxBackend(path, _card_beside(path, card), device=device)
+        backend: Backend = OnnxBackend(path, _card_beside(path, card), device=device, streams=streams)
     elif suffix == ".safetensors":
-        backend = _load_safetensors(path, _card_beside(path, card), device=device, amp=amp)
+        backend = _load_safetensors(path, _card_beside(path, card), device=device, amp=amp,
+                                    streams=streams)
     elif suffix in (".pt", ".pth", ".ckpt", ".pkl"):
         raise ModelCardError(
             f"{path.name} is a pickled checkpoint, which can execute code when loaded; "
@@ -123,7 +129,8 @@ def load_model(
     return backend
 
 
-def _load_safetensors(path: Path, card: ModelCard, *, device: str, amp: bool | None) -> Backend:
+def _load_safetensors(path: Path, card: ModelCard, *, device: str, amp: bool | None,
+                      streams: int | None) -> Backend:
     from safetensors.torch import load_file
 
     from .registry import create_model
@@ -143,7 +150,7 @@ def _load_safetensors(path: Path, card: ModelCard, *, device: str, amp: bool | N
             f"{path.name} does not match architecture {card.architecture!r} with "
             f"{card.num_classes} classes and {card.in_channels} bands: {str(e).splitlines()[0]}"
         ) from None
-    return TorchBackend(module, card, device=device, amp=amp)
+    return TorchBackend(module, card, device=device, amp=amp, streams=streams)
 
 
 def default_model() -> str:

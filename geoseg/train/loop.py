@@ -222,7 +222,7 @@ def train(recipe: Recipe, *, recipe_dir: Path = Path("."), resume: bool = False,
         if has_val and tr.val_every > 0 and (
             (epoch + 1) % tr.val_every == 0 or epoch + 1 == tr.epochs or step >= total
         ):
-            backend = TorchBackend(ema.module, card, device=device)
+            backend = TorchBackend(ema.module, card, device=device, streams=1)
             cm = evaluate_dataset(backend, spec, "val", tile=tr.val_tile, overlap=tr.val_overlap)
             score = cm.miou()
             row.update({"val_miou": score, "val_pixel_acc": cm.pixel_accuracy()})
