@@ -274,7 +274,7 @@ def stream_blocks(source: Source, model_ref: Any, layout: Layout, opts: RunOptio
     carry: list[tuple[Any, Any]] | None = None  # (bottom, corner) of the row above the band
     for i0 in range(0, nbi, band):
         i1 = min(i0 + band, nbi)
-        tasks = {}
+        tasks: dict[tuple[int, int], Any] = {}
         for i in range(i0, i1):
             for j in range(nbj):
                 if i == i0:
