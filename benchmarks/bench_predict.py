@@ -86,16 +86,15 @@ def overhead() -> None:
             grid = Grid.from_rio(ds)
         layout = Layout.create(grid, tile=tile, overlap=overlap, pad_multiple=model.card.pad_multiple)
         source = RasterSource(str(scene), tuple(nb))
-        tiles = []
+        # Batched as predict batches them: each block's tiles, bs at a time.
+        batches = []
         for i, j in layout.iter_blocks():
             rr, cc = layout.block_extent(i, j)
             data, _ = source.read(rr, cc)
             x = model.card.normalize(data)
-            for r0, c0 in layout.block_tiles(i, j):
-                r, c = r0 - rr.start, c0 - cc.start
-                tiles.append(x[:, r : r + tile, c : c + tile])
-        batches = [np.stack(tiles[k : k + bs]) for k in range(0, len(tiles), bs)]
-        del tiles
+            tiles = [x[:, r - rr.start : r - rr.start + tile, c - cc.start : c - cc.start + tile]
+                     for r, c in layout.block_tiles(i, j)]
+            batches += [np.stack(tiles[k : k + bs]) for k in range(0, len(tiles), bs)]
         # the engine only: polygons and area statistics are benchmarked on their own
         kw = dict(model=model, tile_size=tile, overlap=overlap, batch_size=bs, overwrite=True, polygons=False)
         geoseg.predict(scene, OUT / "warmup", **kw)  # warm caches and threads

@@ -6,15 +6,16 @@ an exact integer). A polygon that does not touch an internal block edge is
 final: it is moved to the raster's CRS, measured and encoded as WKB in the
 task, and goes straight to the writer. A polygon that touches an internal
 edge is a *piece*; for every internal edge the task also records which piece
-owns each pixel along it. At the end, pieces of the same class that own the
-same pixel pair across an edge are joined (union-find), each group is
-unioned (integer, axis-aligned coordinates: the overlay is exact) and split
-into its connected polygons, holes kept. The result equals whole-raster
-polygonization; memory is bounded by the block size and the pieces.
+owns each pixel along it. Rows of blocks are then joined in order: pieces of
+the same class that own the same pixel pair across an edge are joined
+(union-find), and a region with no piece on the bottom edge of the rows
+joined so far is complete — its pieces are unioned (integer, axis-aligned
+coordinates: the overlay is exact), split into connected polygons (holes
+kept) and written. The result equals whole-raster polygonization; memory
+holds the blocks in flight and the regions crossing the current row edge.
 
 Blocks run in this process for one worker, in a pool of worker processes
-otherwise (polygonizing holds the GIL, so threads would not scale).
-"""
+otherwise (polygonizing holds the GIL, so threads would not scale)."""
 
 from __future__ import annotations
 
@@ -214,11 +215,11 @@ def _read_and_polygonize(path: str, r0: int, c0: int, h: int, w: int, grid_shape
     return polygonize_block(classes, r0, c0, grid_shape, transform, measure, nodata=nodata)
 
 
-def _union_groups(groups: list[np.ndarray], ids: list[int], transform: Affine, measure: Measure | None) -> Batch:
+def _union_groups(groups: list[list[Any]], ids: list[int], transform: Affine, measure: Measure | None) -> Batch:
     """Union each group of pieces (pixel coordinates) and split it into its connected polygons."""
     parts, part_ids = [], []
     for members, cid in zip(groups, ids):
-        merged = members[0] if len(members) == 1 else shapely.coverage_union_all(members)
+        merged = members[0] if len(members) == 1 else shapely.coverage_union_all(np.array(members, dtype=object))
         for part in shapely.get_parts(merged):
             if not part.is_empty:
                 parts.append(part)
@@ -306,83 +307,154 @@ def polygonize_raster(path: str | Path, grid_shape: tuple[int, int], transform: 
     args = [(str(path), r0, c0, min(bh, H - r0), min(bw, W - c0), grid_shape, transform, measure, nodata)
             for r0, c0 in origins]
     runner = _Runner(workers)
+    merger = _Merger(W, transform, measure)
+    per_row = len(range(0, W, bw))
+    rows: dict[int, list[BlockResult]] = {}
+    next_row = 0
     count = 0
-    held: dict[tuple[int, int], BlockResult] = {}
     try:
         for res in runner.map(_read_and_polygonize, args):
             if len(res.final):
                 sink(res.final)
                 count += len(res.final)
             res.final = Batch(*(np.empty(0),) * 4)
-            if len(res.pieces):
-                held[(res.row0, res.col0)] = res
-        groups, ids = _join_pieces(held, bh, bw)
-        held.clear()
-        # biggest groups first, spread over the workers
-        order = sorted(range(len(groups)), key=lambda g: -sum(shapely.get_num_coordinates(groups[g])))
-        chunks = [order[k::workers] for k in range(workers)]
-        for batch in runner.map(_union_groups, [([groups[g] for g in c], [ids[g] for g in c], transform, measure)
-                                                for c in chunks if c]):
-            if len(batch):
-                sink(batch)
-                count += len(batch)
+            rows.setdefault(res.row0, []).append(res)
+            # rows of blocks are joined in order, as soon as each is complete
+            while next_row in rows and len(rows[next_row]) == per_row:
+                batch = merger.add_row(rows.pop(next_row), last=next_row + bh >= H)
+                if len(batch):
+                    sink(batch)
+                    count += len(batch)
+                next_row += bh
     finally:
         runner.close()
     return count
 
 
-def _join_pieces(held: dict[tuple[int, int], BlockResult], bh: int, bw: int) -> tuple[list[np.ndarray], list[int]]:
-    """Group the pieces that form one region: same class, owning facing pixels across a block edge."""
-    keys = sorted(held)
-    offset, total = {}, 0
-    for key in keys:
-        offset[key] = total
-        total += len(held[key].pieces)
-    if total == 0:
-        return [], []
-    geoms = np.concatenate([held[k].pieces for k in keys])
-    cls = np.concatenate([held[k].piece_ids for k in keys])
-    pairs = []
-    cuts: dict[int, list[tuple[int, float, np.ndarray]]] = {}  # piece -> (axis, line, breakpoints)
-    for (r0, c0) in keys:
-        a = held[(r0, c0)]
-        for side, other, facing in (("bottom", (r0 + bh, c0), "top"), ("right", (r0, c0 + bw), "left")):
-            b = held.get(other)
-            if b is None or side not in a.sides or facing not in b.sides:
+def _breakpoints(owner: np.ndarray, origin: int) -> np.ndarray:
+    """Positions along an edge where the owning piece changes."""
+    return (np.flatnonzero(np.diff(owner)) + 1 + origin).astype(np.float64)
+
+
+def _find(parent: np.ndarray, x: int) -> int:
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
+class _Merger:
+    """Joins pieces row of blocks by row and emits each region as soon as it is complete.
+
+    Open regions are those with a piece on the bottom edge of the last row
+    joined: the next row may extend them. For each open region it keeps its
+    pieces so far, and along that edge which piece owns each pixel (the
+    *seam*). A row's pieces are joined to open regions across the seam and
+    to each other across the row's vertical block edges (same class, facing
+    pixels); every region left without a piece on the new bottom edge is
+    unioned and emitted. So memory holds the regions that cross the current
+    row edge, not every piece of the raster.
+    """
+
+    def __init__(self, width: int, transform: Affine, measure: Measure | None):
+        self.transform, self.measure = transform, measure
+        self.members: list[list[Any]] = []  # open region -> its pieces (pixel coordinates)
+        self.cls: list[int] = []  # open region -> class id
+        self.seam = np.full(width, -1, np.int64)  # seam piece owning each pixel along the edge
+        self.seam_at: list[tuple[int, int]] = []  # seam piece -> (open region, index in its members)
+
+    def add_row(self, row: list[BlockResult], *, last: bool) -> Batch:
+        row = sorted(row, key=lambda r: r.col0)
+        r0, width = row[0].row0, len(self.seam)
+        offs = np.cumsum([0] + [len(b.pieces) for b in row])
+        n_open, n_new = len(self.members), int(offs[-1])
+        pieces = list(itertools.chain.from_iterable(b.pieces for b in row))
+        cls = np.concatenate([b.piece_ids for b in row]).astype(np.int64) if n_new else np.empty(0, np.int64)
+        top, bottom = np.full(width, -1, np.int64), np.full(width, -1, np.int64)
+        for b, off in zip(row, offs):
+            for side, full in (("top", top), ("bottom", bottom)):
+                if side in b.sides:
+                    own = b.sides[side]
+                    full[b.col0 : b.col0 + len(own)] = np.where(own >= 0, own + off, -1)
+        # nodes: open regions 0..n_open-1, then this row's pieces
+        pairs: list[np.ndarray] = []
+        cuts: dict[int, list[tuple[int, float, np.ndarray]]] = {}  # node -> breakpoints to insert
+        seam_cuts: dict[int, np.ndarray] = {}  # seam piece -> breakpoints along the seam
+        both = (self.seam >= 0) & (top >= 0)
+        if both.any():
+            sp, npc = self.seam[both], top[both]
+            region = np.array([self.seam_at[k][0] for k in sp], np.int64)
+            same = np.asarray(self.cls, np.int64)[region] == cls[npc]
+            pairs.append(np.stack([region[same], n_open + npc[same]], axis=1))
+            below, above = _breakpoints(top, 0), _breakpoints(self.seam, 0)
+            for k in np.unique(sp[same]):
+                seam_cuts[int(k)] = below
+            for k in np.unique(npc[same]):
+                cuts.setdefault(n_open + int(k), []).append((1, float(r0), above))
+        for a, b, oa, ob in zip(row[:-1], row[1:], offs[:-1], offs[1:-1]):
+            if "right" not in a.sides or "left" not in b.sides:
                 continue
-            pa, pb = a.sides[side], b.sides[facing]
-            both = (pa >= 0) & (pb >= 0)
-            ga, gb = pa[both] + offset[(r0, c0)], pb[both] + offset[other]
+            pa, pb = a.sides["right"], b.sides["left"]
+            on = (pa >= 0) & (pb >= 0)
+            ga, gb = pa[on] + oa, pb[on] + ob
             same = cls[ga] == cls[gb]
-            pairs.append(np.unique(np.stack([ga[same], gb[same]], axis=1), axis=0))
-            # where the owners change along the edge; each side needs the other's as vertices
-            axis, line, origin = (1, r0 + bh, c0) if side == "bottom" else (0, c0 + bw, r0)
-            for mine, theirs, off in ((pa, pb, offset[(r0, c0)]), (pb, pa, offset[other])):
-                bps = (np.flatnonzero(np.diff(theirs)) + 1 + origin).astype(np.float64)
-                for g in np.unique(mine[mine >= 0]) + off:
-                    cuts.setdefault(int(g), []).append((axis, float(line), bps))
-    parent = np.arange(total)
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for ga, gb in (np.concatenate(pairs) if pairs else np.empty((0, 2), np.int64)):
-        ra, rb = find(int(ga)), find(int(gb))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    members: dict[int, list[int]] = {}
-    for k in range(total):
-        members.setdefault(find(k), []).append(k)
-    groups = []
-    for m in members.values():
-        group = geoms[m]
-        if len(m) > 1:
-            group = np.array([_insert_breakpoints(geoms[k], cuts.get(k, [])) for k in m], dtype=object)
-        groups.append(group)
-    return groups, [int(cls[m[0]]) for m in members.values()]
+            pairs.append(np.stack([n_open + ga[same], n_open + gb[same]], axis=1))
+            for mine, theirs, off in ((ga[same], pb, n_open), (gb[same], pa, n_open)):
+                bps = _breakpoints(theirs, r0)
+                for k in np.unique(mine):
+                    cuts.setdefault(off + int(k), []).append((0, float(b.col0), bps))
+        parent = np.arange(n_open + n_new)
+        for x, y in (np.concatenate(pairs) if pairs else np.empty((0, 2), np.int64)):
+            rx, ry = _find(parent, int(x)), _find(parent, int(y))
+            if rx != ry:
+                parent[max(rx, ry)] = min(rx, ry)
+        regions: dict[int, list[int]] = {}
+        for k in range(n_open + n_new):
+            regions.setdefault(_find(parent, k), []).append(k)
+        for k, bps in seam_cuts.items():  # open pieces along the seam get the row's vertices
+            g, m = self.seam_at[k]
+            self.members[g][m] = _insert_breakpoints(self.members[g][m], [(1, float(r0), bps)])
+        on_bottom = np.zeros(n_new, bool)
+        if not last:
+            on_bottom[bottom[bottom >= 0]] = True
+        members: list[list[Any]] = []
+        region_cls: list[int] = []
+        seam_at: dict[int, tuple[int, int]] = {}
+        closed: list[list[Any]] = []
+        closed_cls: list[int] = []
+        for nodes in regions.values():
+            geoms: list[Any] = []
+            opened: list[tuple[int, int]] = []  # (piece, index in geoms) of pieces on the new bottom edge
+            for k in nodes:
+                if k < n_open:
+                    geoms.extend(self.members[k])
+                    continue
+                p = k - n_open
+                g = pieces[p]
+                if len(nodes) > 1 and k in cuts:
+                    g = _insert_breakpoints(g, cuts[k])
+                if on_bottom[p]:
+                    opened.append((p, len(geoms)))
+                geoms.append(g)
+            c = self.cls[nodes[0]] if nodes[0] < n_open else int(cls[nodes[0] - n_open])
+            if opened:
+                for p, m in opened:
+                    seam_at[p] = (len(members), m)
+                members.append(geoms)
+                region_cls.append(c)
+            else:
+                closed.append(geoms)
+                closed_cls.append(c)
+        # the new seam: this row's bottom edge, numbered by open piece
+        order = sorted(seam_at)
+        renum = np.full(n_new + 1, -1, np.int64)
+        renum[order] = np.arange(len(order))
+        self.seam = renum[bottom] if not last else np.full(width, -1, np.int64)
+        self.seam_at = [seam_at[p] for p in order]
+        self.members, self.cls = members, region_cls
+        if not closed:
+            return Batch(*(np.empty(0),) * 4)
+        return _union_groups(closed, closed_cls, self.transform, self.measure)
 
 
 def _insert_breakpoints(poly: shapely.Polygon, cuts: list[tuple[int, float, np.ndarray]]) -> shapely.Polygon:

@@ -40,9 +40,11 @@ def class_raster(tmp_path, *, nodata=True, crs="EPSG:32640", transform=UTM):
     return path, m
 
 
-def test_blockwise_polygons_equal_whole_raster_polygons(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_blockwise_polygons_equal_whole_raster_polygons(tmp_path, workers):
+    # rows of blocks arrive out of order from two workers; regions are joined row by row
     path, m = class_raster(tmp_path)
-    res = vectorize(path, tmp_path / "poly", block=128)  # many blocks, many cut regions
+    res = vectorize(path, tmp_path / "poly", block=128, num_workers=workers)  # many blocks, many cut regions
     df = pyogrio.read_dataframe(res["path"], layer="landcover")
     whole = [(shape(g), int(v)) for g, v in features.shapes(m, mask=m != 255, transform=UTM)]
     assert len(df) == len(whole) == res["polygons"]
