@@ -307,28 +307,52 @@ def polygonize_raster(path: str | Path, grid_shape: tuple[int, int], transform: 
     args = [(str(path), r0, c0, min(bh, H - r0), min(bw, W - c0), grid_shape, transform, measure, nodata)
             for r0, c0 in origins]
     runner = _Runner(workers)
-    merger = _Merger(W, transform, measure)
+    merger = _Merger(W)
     per_row = len(range(0, W, bw))
     rows: dict[int, list[BlockResult]] = {}
     next_row = 0
     count = 0
+    unions: list[Any] = []  # unions of complete regions running in the workers
+
+    def emit(batch: Batch) -> None:
+        nonlocal count
+        if len(batch):
+            sink(batch)
+            count += len(batch)
+
     try:
         for res in runner.map(_read_and_polygonize, args):
-            if len(res.final):
-                sink(res.final)
-                count += len(res.final)
+            emit(res.final)
             res.final = Batch(*(np.empty(0),) * 4)
             rows.setdefault(res.row0, []).append(res)
             # rows of blocks are joined in order, as soon as each is complete
             while next_row in rows and len(rows[next_row]) == per_row:
-                batch = merger.add_row(rows.pop(next_row), last=next_row + bh >= H)
-                if len(batch):
-                    sink(batch)
-                    count += len(batch)
+                groups, ids = merger.add_row(rows.pop(next_row), last=next_row + bh >= H)
                 next_row += bh
+                if runner.pool is None:
+                    emit(_union_groups(groups, ids, transform, measure))
+                    continue
+                for part in _balance([int(shapely.get_num_coordinates(g).sum()) for g in groups], workers):
+                    unions.append(runner.pool.submit(_union_groups, [groups[g] for g in part],
+                                                     [ids[g] for g in part], transform, measure))
+            while unions and unions[0].done():
+                emit(unions.pop(0).result())
+        for fut in unions:
+            emit(fut.result())
     finally:
         runner.close()
     return count
+
+
+def _balance(sizes: list[int], n: int) -> list[list[int]]:
+    """Indexes of ``sizes`` split into at most ``n`` parts of similar total (largest first, to the lightest)."""
+    parts: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        k = load.index(min(load))
+        parts[k].append(i)
+        load[k] += sizes[i]
+    return [p for p in parts if p]
 
 
 def _breakpoints(owner: np.ndarray, origin: int) -> np.ndarray:
@@ -356,14 +380,14 @@ class _Merger:
     row edge, not every piece of the raster.
     """
 
-    def __init__(self, width: int, transform: Affine, measure: Measure | None):
-        self.transform, self.measure = transform, measure
+    def __init__(self, width: int):
         self.members: list[list[Any]] = []  # open region -> its pieces (pixel coordinates)
         self.cls: list[int] = []  # open region -> class id
         self.seam = np.full(width, -1, np.int64)  # seam piece owning each pixel along the edge
         self.seam_at: list[tuple[int, int]] = []  # seam piece -> (open region, index in its members)
 
-    def add_row(self, row: list[BlockResult], *, last: bool) -> Batch:
+    def add_row(self, row: list[BlockResult], *, last: bool) -> tuple[list[list[Any]], list[int]]:
+        """Join one row of blocks; return the regions it completes (their pieces) and their classes."""
         row = sorted(row, key=lambda r: r.col0)
         r0, width = row[0].row0, len(self.seam)
         offs = np.cumsum([0] + [len(b.pieces) for b in row])
@@ -452,9 +476,7 @@ class _Merger:
         self.seam = renum[bottom] if not last else np.full(width, -1, np.int64)
         self.seam_at = [seam_at[p] for p in order]
         self.members, self.cls = members, region_cls
-        if not closed:
-            return Batch(*(np.empty(0),) * 4)
-        return _union_groups(closed, closed_cls, self.transform, self.measure)
+        return closed, closed_cls
 
 
 def _insert_breakpoints(poly: shapely.Polygon, cuts: list[tuple[int, float, np.ndarray]]) -> shapely.Polygon:
