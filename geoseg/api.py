@@ -18,7 +18,7 @@ from .errors import BandCountError, ConfigError, OutputExistsError
 from .grid import Grid, Layout
 from .io.raster import BlockWriter, RasterSource, bounded_gdal_cache, class_tags, data_bands, open_raster
 from .io.styles import paletted_raster_qml, write_text_atomic
-from .models.backends import Backend, auto_batch_size, available_cores
+from .models.backends import Backend, auto_batch_size, available_cores, torch_threads_kept
 from .models.loading import ModelSpec, load_model
 from .pipeline import (
     NODATA,
@@ -214,8 +214,9 @@ def predict(
     t_setup = time.perf_counter()
 
     try:
-        stream_blocks(source, model_ref, layout, opts, sink, scheduler=sched,
-                      num_workers=num_workers or block_threads(net))
+        with torch_threads_kept():
+            stream_blocks(source, model_ref, layout, opts, sink, scheduler=sched,
+                          num_workers=num_workers or block_threads(net))
         t_infer = time.perf_counter()
         writers["classes"].finish(resampling="mode", category_names=list(mc.classes))
         if "confidence" in writers:

@@ -157,3 +157,53 @@ def test_gdal_block_cache_is_capped_in_bytes_while_predicting(tmp_path, cnn_mode
     geoseg.predict(path, tmp_path / "out", model=cnn_model, polygons=False)
     assert seen and set(seen) == {GDAL_CACHE_BYTES}
     assert 16 * 2**20 <= GDAL_CACHE_BYTES <= 256 * 2**20
+
+
+def test_cpu_streams_run_forward_passes_side_by_side(tmp_path, cnn_model):
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from geoseg.models.backends import available_cores, cpu_streams
+
+    cores = available_cores()
+    n, threads = cpu_streams(None, "cpu")
+    assert n == min(2, cores) and threads == max(1, cores // n)
+    assert cpu_streams(8, "cpu")[0] == min(8, cores)
+    assert cpu_streams(None, "cuda:0") == (1, 0)
+
+    path = write_raster(tmp_path / "s.tif", smooth_image((3, 200, 190), seed=2))
+    x = cnn_model.card.normalize(smooth_image((3, 64, 64), seed=3))[None]
+    outputs = {}
+    for streams in (1, 2):
+        net = geoseg.load_model(cnn_model.module, card=cnn_model.card, device="cpu", streams=streams)
+        forward, active, peak, lock = net._forward, [0], [0], threading.Lock()
+
+        def counted(x, forward=forward, active=active, peak=peak, lock=lock):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            time.sleep(0.05)  # long enough for the other threads to arrive
+            try:
+                return forward(x)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+        net._forward = counted
+        with ThreadPoolExecutor(4) as ex:
+            list(ex.map(net, [x] * 8))
+        assert peak[0] == min(streams, cores)
+        res = geoseg.predict(path, tmp_path / f"o{streams}", model=net, polygons=False)
+        with rasterio.open(res.output / "classes.tif") as ds:
+            outputs[streams] = ds.read(1)
+    assert (outputs[1] == outputs[2]).mean() > 0.9999
+
+
+def test_predict_puts_torch_thread_count_back(tmp_path, cnn_model):
+    before = torch.get_num_threads()
+    net = geoseg.load_model(cnn_model.module, card=cnn_model.card, device="cpu", streams=2)
+    path = write_raster(tmp_path / "t.tif", smooth_image((3, 90, 80)))
+    geoseg.predict(path, tmp_path / "o", model=net, polygons=False)
+    net.infer(smooth_image((3, 70, 60)))
+    assert torch.get_num_threads() == before

@@ -17,8 +17,10 @@ on two cores it runs geoseg-n-sem about 20 % faster than one stream on both.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,21 @@ def cpu_streams(streams: int | None, device: str) -> tuple[int, int]:
     cores = available_cores()
     n = max(1, min(streams or 2, cores))
     return n, max(1, cores // n)
+
+
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Restore torch's process-wide intra-op thread count on exit (CPU streams change it)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if torch is not None and before is not None and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def auto_batch_size(device: str, tile: int, in_channels: int, *, bytes_per_pixel: int = 6000) -> int:
@@ -151,7 +168,8 @@ class Backend:
         tile = tile_size or self.card.tile_size
         opts = RunOptions(tile, default_overlap(tile) if overlap is None else overlap, blend,
                           batch_size, confidence=True, margin=margin)
-        out = predict_array(arr, self, opts, valid=valid)
+        with torch_threads_kept():
+            out = predict_array(arr, self, opts, valid=valid)
         assert out.confidence is not None
         return out.classes, out.confidence
 
@@ -159,8 +177,8 @@ class Backend:
 class TorchBackend(Backend):
     """Runs an ``nn.Module`` in eval mode; AMP (fp16 autocast) on CUDA.
 
-    On CPU, torch's intra-op thread count is process-wide: the first forward
-    pass sets it to :attr:`threads`.
+    On CPU, torch's intra-op thread count is process-wide: a forward pass
+    sets it to :attr:`threads` (``predict`` and ``infer`` restore it after).
     """
 
     def __init__(self, module: Any, card: ModelCard, *, device: str = "auto", amp: bool | None = None,
