@@ -31,6 +31,7 @@ import shapely
 from affine import Affine
 
 BLOCK_BYTES = 64 * 2**20  # class pixels per task when the block shape is chosen automatically
+LOCAL_UNION_VERTICES = 1_000_000  # complete regions larger than this are unioned in the calling process
 
 
 @dataclass(frozen=True)
@@ -332,9 +333,15 @@ def polygonize_raster(path: str | Path, grid_shape: tuple[int, int], transform: 
                 if runner.pool is None:
                     emit(_union_groups(groups, ids, transform, measure))
                     continue
-                for part in _balance([int(shapely.get_num_coordinates(g).sum()) for g in groups], workers):
-                    unions.append(runner.pool.submit(_union_groups, [groups[g] for g in part],
-                                                     [ids[g] for g in part], transform, measure))
+                sizes = [int(shapely.get_num_coordinates(g).sum()) for g in groups]
+                big = [g for g, n in enumerate(sizes) if n > LOCAL_UNION_VERTICES]
+                small = [g for g, n in enumerate(sizes) if n <= LOCAL_UNION_VERTICES]
+                for part in _balance([sizes[g] for g in small], workers):
+                    unions.append(runner.pool.submit(_union_groups, [groups[small[g]] for g in part],
+                                                     [ids[small[g]] for g in part], transform, measure))
+                # a region this large is unioned here: shipping it would copy it into a worker
+                for g in big:
+                    emit(_union_groups([groups[g]], [ids[g]], transform, measure))
             while unions and unions[0].done():
                 emit(unions.pop(0).result())
         for fut in unions:

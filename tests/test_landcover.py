@@ -40,9 +40,12 @@ def class_raster(tmp_path, *, nodata=True, crs="EPSG:32640", transform=UTM):
     return path, m
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_blockwise_polygons_equal_whole_raster_polygons(tmp_path, workers):
-    # rows of blocks arrive out of order from two workers; regions are joined row by row
+@pytest.mark.parametrize("workers,local_union", [(1, None), (2, None), (2, 0)])
+def test_blockwise_polygons_equal_whole_raster_polygons(tmp_path, monkeypatch, workers, local_union):
+    # rows of blocks arrive out of order from two workers; regions are joined row by row;
+    # local_union=0 unions every complete region in this process instead of in the workers
+    if local_union is not None:
+        monkeypatch.setattr("geoseg.vectorize.LOCAL_UNION_VERTICES", local_union)
     path, m = class_raster(tmp_path)
     res = vectorize(path, tmp_path / "poly", block=128, num_workers=workers)  # many blocks, many cut regions
     df = pyogrio.read_dataframe(res["path"], layer="landcover")
