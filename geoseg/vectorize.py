@@ -11,8 +11,11 @@ the same class that own the same pixel pair across an edge are joined
 (union-find), and a region with no piece on the bottom edge of the rows
 joined so far is complete — its pieces are unioned (integer, axis-aligned
 coordinates: the overlay is exact), split into connected polygons (holes
-kept) and written. The result equals whole-raster polygonization; memory
-holds the blocks in flight and the regions crossing the current row edge.
+kept) and written. The result equals whole-raster polygonization. Pieces of
+an open region that are not on the current edge will not change again: they
+go to a temporary file (WKB) until their region is complete, so memory holds
+the blocks in flight and the pieces along one row edge, not the regions that
+run through the whole raster.
 
 Blocks run in this process for one worker, in a pool of worker processes
 otherwise (polygonizing holds the GIL, so threads would not scale)."""
@@ -24,14 +27,14 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import shapely
 from affine import Affine
 
 BLOCK_BYTES = 64 * 2**20  # class pixels per task when the block shape is chosen automatically
-LOCAL_UNION_VERTICES = 1_000_000  # complete regions larger than this are unioned in the calling process
+UNION_TASK_VERTICES = 500_000  # vertices of pieces per union task sent to a worker
 
 
 @dataclass(frozen=True)
@@ -216,16 +219,75 @@ def _read_and_polygonize(path: str, r0: int, c0: int, h: int, w: int, grid_shape
     return polygonize_block(classes, r0, c0, grid_shape, transform, measure, nodata=nodata)
 
 
-def _union_groups(groups: list[list[Any]], ids: list[int], transform: Affine, measure: Measure | None) -> Batch:
-    """Union each group of pieces (pixel coordinates) and split it into its connected polygons."""
+class _Stored(NamedTuple):
+    """A piece in the spill file: where its WKB is and how many vertices it has."""
+
+    offset: int
+    size: int
+    vertices: int
+
+
+class _Spill:
+    """An append-only temporary file of piece WKB, read back when a region is complete."""
+
+    def __init__(self) -> None:
+        import os
+        import tempfile
+
+        fd, self.path = tempfile.mkstemp(prefix="geoseg-pieces-", suffix=".wkb")
+        self.file = os.fdopen(fd, "wb")
+        self.end = 0
+
+    def put(self, piece: Any) -> _Stored:
+        data = shapely.to_wkb(piece)
+        self.file.write(data)
+        self.end += len(data)
+        return _Stored(self.end - len(data), len(data), int(shapely.get_num_coordinates(piece)))
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        import os
+
+        self.file.close()
+        os.unlink(self.path)
+
+
+def _vertices(piece: Any) -> int:
+    return piece.vertices if isinstance(piece, _Stored) else int(shapely.get_num_coordinates(piece))
+
+
+def _union_groups(groups: list[list[Any]], ids: list[int], transform: Affine, measure: Measure | None,
+                  spill_path: str | None = None) -> Batch:
+    """Union each group of pieces (pixel coordinates) and split it into its connected polygons.
+
+    A piece is a polygon or a :class:`_Stored` record read back from ``spill_path``.
+    """
     parts, part_ids = [], []
-    for members, cid in zip(groups, ids):
-        merged = members[0] if len(members) == 1 else shapely.coverage_union_all(np.array(members, dtype=object))
-        for part in shapely.get_parts(merged):
-            if not part.is_empty:
-                parts.append(part)
-                part_ids.append(cid)
+    with open(spill_path, "rb") if spill_path else _no_file() as f:
+        for members, cid in zip(groups, ids):
+            geoms = np.array([_load(f, m) for m in members], dtype=object)
+            merged = geoms[0] if len(geoms) == 1 else shapely.coverage_union_all(geoms)
+            del geoms
+            for part in shapely.get_parts(merged):
+                if not part.is_empty:
+                    parts.append(part)
+                    part_ids.append(cid)
     return _batch(np.array(parts, dtype=object), np.array(part_ids, np.int64), transform, measure)
+
+
+def _no_file() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext(None)
+
+
+def _load(f: Any, piece: Any) -> Any:
+    if not isinstance(piece, _Stored):
+        return piece
+    f.seek(piece.offset)
+    return shapely.from_wkb(f.read(piece.size))
 
 
 def block_shape(grid_shape: tuple[int, int], num_workers: int) -> tuple[int, int]:
@@ -308,7 +370,8 @@ def polygonize_raster(path: str | Path, grid_shape: tuple[int, int], transform: 
     args = [(str(path), r0, c0, min(bh, H - r0), min(bw, W - c0), grid_shape, transform, measure, nodata)
             for r0, c0 in origins]
     runner = _Runner(workers)
-    merger = _Merger(W)
+    spill = _Spill()
+    merger = _Merger(W, spill)
     per_row = len(range(0, W, bw))
     rows: dict[int, list[BlockResult]] = {}
     next_row = 0
@@ -330,36 +393,36 @@ def polygonize_raster(path: str | Path, grid_shape: tuple[int, int], transform: 
             while next_row in rows and len(rows[next_row]) == per_row:
                 groups, ids = merger.add_row(rows.pop(next_row), last=next_row + bh >= H)
                 next_row += bh
+                spill.flush()
                 if runner.pool is None:
-                    emit(_union_groups(groups, ids, transform, measure))
+                    emit(_union_groups(groups, ids, transform, measure, spill.path))
                     continue
-                sizes = [int(shapely.get_num_coordinates(g).sum()) for g in groups]
-                big = [g for g, n in enumerate(sizes) if n > LOCAL_UNION_VERTICES]
-                small = [g for g, n in enumerate(sizes) if n <= LOCAL_UNION_VERTICES]
-                for part in _balance([sizes[g] for g in small], workers):
-                    unions.append(runner.pool.submit(_union_groups, [groups[small[g]] for g in part],
-                                                     [ids[small[g]] for g in part], transform, measure))
-                # a region this large is unioned here: shipping it would copy it into a worker
-                for g in big:
-                    emit(_union_groups([groups[g]], [ids[g]], transform, measure))
+                # tasks of bounded size: a worker never holds more than one of them
+                for part in _pack([sum(_vertices(p) for p in g) for g in groups], UNION_TASK_VERTICES):
+                    unions.append(runner.pool.submit(_union_groups, [groups[g] for g in part],
+                                                     [ids[g] for g in part], transform, measure, spill.path))
+                del groups
             while unions and unions[0].done():
                 emit(unions.pop(0).result())
         for fut in unions:
             emit(fut.result())
     finally:
         runner.close()
+        spill.close()
     return count
 
 
-def _balance(sizes: list[int], n: int) -> list[list[int]]:
-    """Indexes of ``sizes`` split into at most ``n`` parts of similar total (largest first, to the lightest)."""
-    parts: list[list[int]] = [[] for _ in range(n)]
-    load = [0] * n
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        k = load.index(min(load))
-        parts[k].append(i)
-        load[k] += sizes[i]
-    return [p for p in parts if p]
+def _pack(sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indexes of ``sizes`` in parts of at most ``budget`` total (an item over it alone)."""
+    parts: list[list[int]] = []
+    load = budget
+    for i, n in enumerate(sizes):
+        if load + n > budget:
+            parts.append([])
+            load = 0
+        parts[-1].append(i)
+        load += n
+    return parts
 
 
 def _breakpoints(owner: np.ndarray, origin: int) -> np.ndarray:
@@ -383,12 +446,14 @@ class _Merger:
     *seam*). A row's pieces are joined to open regions across the seam and
     to each other across the row's vertical block edges (same class, facing
     pixels); every region left without a piece on the new bottom edge is
-    unioned and emitted. So memory holds the regions that cross the current
-    row edge, not every piece of the raster.
+    unioned and emitted. Pieces of an open region that are off the new
+    edge go to the spill file, so memory holds the pieces along the current
+    row edge, not the regions that cross it.
     """
 
-    def __init__(self, width: int):
-        self.members: list[list[Any]] = []  # open region -> its pieces (pixel coordinates)
+    def __init__(self, width: int, spill: _Spill):
+        self.spill = spill
+        self.members: list[list[Any]] = []  # open region -> its pieces (pixel coordinates, or spilled)
         self.cls: list[int] = []  # open region -> class id
         self.seam = np.full(width, -1, np.int64)  # seam piece owning each pixel along the edge
         self.seam_at: list[tuple[int, int]] = []  # seam piece -> (open region, index in its members)
@@ -471,6 +536,9 @@ class _Merger:
             if opened:
                 for p, m in opened:
                     seam_at[p] = (len(members), m)
+                # pieces off the new edge will not change again: to the spill file
+                keep = {m for _, m in opened}
+                geoms = [g if m in keep or isinstance(g, _Stored) else self.spill.put(g) for m, g in enumerate(geoms)]
                 members.append(geoms)
                 region_cls.append(c)
             else:

@@ -40,12 +40,12 @@ def class_raster(tmp_path, *, nodata=True, crs="EPSG:32640", transform=UTM):
     return path, m
 
 
-@pytest.mark.parametrize("workers,local_union", [(1, None), (2, None), (2, 0)])
-def test_blockwise_polygons_equal_whole_raster_polygons(tmp_path, monkeypatch, workers, local_union):
-    # rows of blocks arrive out of order from two workers; regions are joined row by row;
-    # local_union=0 unions every complete region in this process instead of in the workers
-    if local_union is not None:
-        monkeypatch.setattr("geoseg.vectorize.LOCAL_UNION_VERTICES", local_union)
+@pytest.mark.parametrize("workers,task_vertices", [(1, None), (2, None), (2, 1)])
+def test_blockwise_polygons_equal_whole_raster_polygons(tmp_path, monkeypatch, workers, task_vertices):
+    # rows of blocks arrive out of order from two workers; regions are joined row by row, pieces
+    # off the current edge read back from the spill file; task_vertices=1: one union task per region
+    if task_vertices is not None:
+        monkeypatch.setattr("geoseg.vectorize.UNION_TASK_VERTICES", task_vertices)
     path, m = class_raster(tmp_path)
     res = vectorize(path, tmp_path / "poly", block=128, num_workers=workers)  # many blocks, many cut regions
     df = pyogrio.read_dataframe(res["path"], layer="landcover")
