@@ -33,7 +33,7 @@ import numpy as np
 import shapely
 from affine import Affine
 
-BLOCK_BYTES = 64 * 2**20  # class pixels per task when the block shape is chosen automatically
+BLOCK_BYTES = 16 * 2**20  # class pixels per task when the block shape is chosen automatically
 UNION_TASK_VERTICES = 500_000  # vertices of pieces per union task sent to a worker
 
 
