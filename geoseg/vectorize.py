@@ -258,14 +258,14 @@ def _vertices(piece: Any) -> int:
     return piece.vertices if isinstance(piece, _Stored) else int(shapely.get_num_coordinates(piece))
 
 
-def _union_groups(groups: list[list[Any]], ids: list[int], transform: Affine, measure: Measure | None,
-                  spill_path: str | None = None) -> Batch:
+def _union_groups(groups: list[list[Any]], ids: list[int], spill_path: str, transform: Affine,
+                  measure: Measure | None) -> Batch:
     """Union each group of pieces (pixel coordinates) and split it into its connected polygons.
 
     A piece is a polygon or a :class:`_Stored` record read back from ``spill_path``.
     """
     parts, part_ids = [], []
-    with open(spill_path, "rb") if spill_path else _no_file() as f:
+    with open(spill_path, "rb") as f:
         for members, cid in zip(groups, ids):
             geoms = np.array([_load(f, m) for m in members], dtype=object)
             merged = geoms[0] if len(geoms) == 1 else shapely.coverage_union_all(geoms)
@@ -275,12 +275,6 @@ def _union_groups(groups: list[list[Any]], ids: list[int], transform: Affine, me
                     parts.append(part)
                     part_ids.append(cid)
     return _batch(np.array(parts, dtype=object), np.array(part_ids, np.int64), transform, measure)
-
-
-def _no_file() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext(None)
 
 
 def _load(f: Any, piece: Any) -> Any:
@@ -395,12 +389,12 @@ def polygonize_raster(path: str | Path, grid_shape: tuple[int, int], transform: 
                 next_row += bh
                 spill.flush()
                 if runner.pool is None:
-                    emit(_union_groups(groups, ids, transform, measure, spill.path))
+                    emit(_union_groups(groups, ids, spill.path, transform, measure))
                     continue
                 # tasks of bounded size: a worker never holds more than one of them
                 for part in _pack([sum(_vertices(p) for p in g) for g in groups], UNION_TASK_VERTICES):
                     unions.append(runner.pool.submit(_union_groups, [groups[g] for g in part],
-                                                     [ids[g] for g in part], transform, measure, spill.path))
+                                                     [ids[g] for g in part], spill.path, transform, measure))
                 del groups
             while unions and unions[0].done():
                 emit(unions.pop(0).result())
