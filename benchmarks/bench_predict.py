@@ -66,7 +66,7 @@ def overhead() -> None:
     the tiles gets.
     """
     import geoseg
-    from geoseg.grid import Grid, Layout
+    from geoseg.geometry.grid import Grid, Layout
     from geoseg.io.raster import RasterSource
 
     rows = []

@@ -10,14 +10,18 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model", "predict", "create_model", "ModelCard", "Grid", "GeosegError"]
+__all__ = ["__version__", "load_model", "Model", "infer", "segment", "predict", "create_model", "ModelCard",
+           "Grid", "GeosegError"]
 
 _LAZY = {
-    "load_model": ("geoseg.models.loading", "load_model"),
+    "load_model": ("geoseg.api", "load_model"),
+    "Model": ("geoseg.api", "Model"),
+    "infer": ("geoseg.api", "infer"),
+    "segment": ("geoseg.api", "segment"),
     "predict": ("geoseg.api", "predict"),
     "create_model": ("geoseg.models.registry", "create_model"),
     "ModelCard": ("geoseg.models.card", "ModelCard"),
-    "Grid": ("geoseg.grid", "Grid"),
+    "Grid": ("geoseg.geometry.grid", "Grid"),
     "GeosegError": ("geoseg.errors", "GeosegError"),
 }
 

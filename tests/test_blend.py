@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from geoseg.blend import BLEND_WINDOWS, accumulate, make_window, resolve
+from geoseg.engine.blend import BLEND_WINDOWS, accumulate, make_window, resolve
 from geoseg.errors import ConfigError
 
 
@@ -49,7 +49,7 @@ def test_callable_windows_and_their_checks():
 
 
 def test_argmax_classes_equals_numpy_argmax_ties_included():
-    from geoseg.blend import argmax_classes
+    from geoseg.engine.blend import argmax_classes
 
     rng = np.random.default_rng(3)
     scores = rng.integers(0, 4, (6, 37, 41)).astype(np.float32)  # many ties

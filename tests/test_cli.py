@@ -109,4 +109,6 @@ def test_interrupted_run_leaves_no_complete_looking_output(tmp_path, rgb_raster,
     with pytest.raises(KeyboardInterrupt):
         geoseg.predict(rgb_raster, tmp_path / "x", model=yolo_checkpoint, device="cpu", progress=boom,
                        confidence=True)
-    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == []
+    # nothing was published, and the staging folder is gone
+    assert not (tmp_path / "x").exists()
+    assert not [p.name for p in tmp_path.iterdir() if "geoseg" in p.name]

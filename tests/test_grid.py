@@ -7,7 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from geoseg.errors import ConfigError
-from geoseg.grid import Grid, Layout, reflect_index, tile_origins
+from geoseg.geometry.grid import Grid, Layout, reflect_index, tile_origins
 
 T0 = Affine(2.0, 0.0, 1000.0, 0.0, -2.0, 5000.0)
 

@@ -12,7 +12,7 @@ from pyproj import Geod
 from rasterio import features
 from shapely.geometry import shape
 
-from geoseg.landcover import area_stats, sieve, vectorize, write_stats
+from geoseg.post.landcover import area_stats, sieve, vectorize, write_stats
 
 from .conftest import shared, smooth_image, write_raster
 
@@ -45,7 +45,7 @@ def test_blockwise_polygons_equal_whole_raster_polygons(tmp_path, monkeypatch, w
     # rows of blocks arrive out of order from two workers; regions are joined row by row, pieces
     # off the current edge read back from the spill file; task_vertices=1: one union task per region
     if task_vertices is not None:
-        monkeypatch.setattr("geoseg.vectorize.UNION_TASK_VERTICES", task_vertices)
+        monkeypatch.setattr("geoseg.post.polygons.UNION_TASK_VERTICES", task_vertices)
     path, m = class_raster(tmp_path)
     res = vectorize(path, tmp_path / "poly", block=128, num_workers=workers)  # many blocks, many cut regions
     df = pyogrio.read_dataframe(res["path"], layer="landcover")

@@ -7,9 +7,11 @@ import torch
 from torch.nn import functional as F
 
 import geoseg
-from geoseg.grid import Grid, Layout
+from geoseg.engine.blocks import predict_array
+from geoseg.engine.options import RunOptions
+from geoseg.engine.schedule import stream_blocks
+from geoseg.geometry.grid import Grid, Layout
 from geoseg.io.raster import RasterSource
-from geoseg.pipeline import RunOptions, predict_array, stream_blocks
 
 from .conftest import shared, smooth_image, write_raster
 
@@ -176,7 +178,7 @@ def test_cpu_streams_run_forward_passes_side_by_side(tmp_path, cnn_model):
     x = cnn_model.card.normalize(smooth_image((3, 64, 64), seed=3))[None]
     outputs = {}
     for streams in (1, 2):
-        net = geoseg.load_model(cnn_model.module, card=cnn_model.card, device="cpu", streams=streams)
+        net = geoseg.load_model(cnn_model.module, card=cnn_model.card, device="cpu", streams=streams).backend
         forward, active, peak, lock = net._forward, [0], [0], threading.Lock()
 
         def counted(x, forward=forward, active=active, peak=peak, lock=lock):

@@ -23,8 +23,8 @@ from .main import one_line_errors
 def vectorize(src: Path, output: Path | None, fmt: str, min_area: float | None,
               simplify: float | None, num_workers: int | None, overwrite: bool) -> None:
     """Polygons of a class raster, merged exactly across blocks, styled for QGIS."""
-    from ..landcover import sieve
-    from ..landcover import vectorize as run
+    from ..post.landcover import sieve
+    from ..post.landcover import vectorize as run
 
     if min_area:
         if not overwrite:
@@ -47,7 +47,7 @@ def vectorize(src: Path, output: Path | None, fmt: str, min_area: float | None,
 @one_line_errors
 def stats(src: Path, output: Path | None, zones: Path | None, zone_field: str | None) -> None:
     """Per-class pixels, m², ha and % of the valid area (exact; geodesic for lon/lat)."""
-    from ..landcover import area_stats, write_stats
+    from ..post.landcover import area_stats, write_stats
     from .report import area_summary
 
     table = area_stats(src, zones=zones, zone_field=zone_field)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -35,6 +36,10 @@ def _bands(value: str | None) -> list[int] | None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--streams", type=click.IntRange(min=1),
               help="Forward passes run at once; on CPU each gets cores/streams threads [default: 2 on CPU].")
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp16", "bf16", "fp32"]), help="Autocast type on a GPU (auto: fp16).")
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "blocks", "device"]),
+              help="device: device-resident blocks and batches across blocks (auto: for torch models on a GPU).")
 @click.option("--scheduler", help="dask.distributed scheduler address [default: local threads].")
 @click.option("--workers", "num_workers", type=int,
               help="Local block threads [default: CPU count + 1] and polygonizing processes [default: CPU count].")
@@ -51,14 +56,10 @@ def _bands(value: str | None) -> list[int] | None:
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def predict(src: Path, output: Path | None, model: str | None, card: Path | None,
-            tile_size: int | None, overlap: int | None, blend: str, margin: int | None, batch_size: int | None,
-            device: str, streams: int | None, scheduler: str | None, num_workers: int | None, bands: str | None,
-            confidence: bool, no_polygons: bool, min_area: float | None, simplify: float | None,
-            vector_format: str, zones: Path | None, zone_field: str | None, quicklook: bool, overwrite: bool,
-            quiet: bool) -> None:
+def predict(src: Path, output: Path | None, model: str | None, card: Path | None, bands: str | None,
+            no_polygons: bool, quiet: bool, **options: Any) -> None:
     """Segment SRC (any GDAL raster, any size) into a class COG and friends."""
-    from ..api import predict as run
+    from ..workflow.predict import predict as run
     from .report import predict_summary, progress_bar
 
     if model is None:
@@ -66,12 +67,7 @@ def predict(src: Path, output: Path | None, model: str | None, card: Path | None
 
         model = default_model()
     with progress_bar(quiet, "Predicting") as update:
-        result = run(src, output, model=model, card=card, tile_size=tile_size, overlap=overlap,
-                     blend=blend, margin=margin, batch_size=batch_size, device=device, streams=streams,
-                     scheduler=scheduler,
-                     num_workers=num_workers, bands=_bands(bands), confidence=confidence,
-                     polygons=not no_polygons, min_area=min_area, simplify=simplify,
-                     vector_format=vector_format, zones=zones, zone_field=zone_field,
-                     quicklook=quicklook, overwrite=overwrite, progress=update)
+        result = run(src, output, model=model, card=card, bands=_bands(bands), polygons=not no_polygons,
+                     progress=update, **options)
     if not quiet:
         predict_summary(result)

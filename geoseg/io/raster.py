@@ -22,7 +22,7 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from ..errors import InputNotFoundError, NotARasterError
-from ..grid import Grid, reflect_index
+from ..geometry.grid import Grid, reflect_index
 
 F = TypeVar("F", bound=Callable[..., Any])
 

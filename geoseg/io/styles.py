@@ -9,14 +9,17 @@ from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 
-def _hex(rgb: tuple[int, int, int]) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*rgb)
+def hex_color(rgb: tuple[int, int, int]) -> str:
+    """``(r, g, b)`` 0-255 as ``#rrggbb``."""
+    from matplotlib.colors import to_hex
+
+    return to_hex(tuple(v / 255 for v in rgb))
 
 
 def paletted_raster_qml(classes: list[str], palette: list[tuple[int, int, int]]) -> str:
     """A QML for a uint8 class raster: one palette entry per class, labelled with its name."""
     entries = "\n".join(
-        f"        <paletteEntry value=\"{i}\" color=\"{_hex(rgb)}\" alpha=\"255\" label={quoteattr(name)}/>"
+        f"        <paletteEntry value=\"{i}\" color=\"{hex_color(rgb)}\" alpha=\"255\" label={quoteattr(name)}/>"
         for i, (name, rgb) in enumerate(zip(classes, palette))
     )
     return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 import shapely
 
 from ..errors import ConfigError
-from ..vectorize import Batch, Measure
+from ..geometry.units import Measure
 
 FORMATS = {  # --vector-format -> (GDAL driver, suffix)
     "gpkg": ("GPKG", ".gpkg"),
@@ -20,6 +21,19 @@ FORMATS = {  # --vector-format -> (GDAL driver, suffix)
     "fgb": ("FlatGeobuf", ".fgb"),
 }
 LAYER = "landcover"
+
+
+@dataclass
+class Batch:
+    """Polygons ready to write: WKB in the raster's CRS, class ids, area (m²), perimeter (m)."""
+
+    wkb: np.ndarray
+    ids: np.ndarray
+    area: np.ndarray
+    perimeter: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def vector_format(name: str) -> tuple[str, str]:

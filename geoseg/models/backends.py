@@ -129,50 +129,6 @@ class Backend:
     def _forward(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def infer(
-        self,
-        image: np.ndarray | str | Path,
-        *,
-        tile_size: int | None = None,
-        overlap: int | None = None,
-        blend: Any = "hann",
-        margin: int | None = None,
-        batch_size: int = 4,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Class map (H, W) uint8 and confidence (H, W) float32 for an in-memory image.
-
-        ``image`` is a (C, H, W) array of raw values (scaled by the card) or a
-        path to a raster small enough to hold in memory; use
-        :func:`geoseg.predict` for scenes of any size. Pixels GDAL marks as
-        nodata get class 255 and confidence -1.
-        """
-        from ..pipeline import RunOptions, default_overlap, predict_array
-
-        valid = None
-        if not isinstance(image, np.ndarray):
-            from ..io.raster import data_bands, open_raster
-
-            with open_raster(image) as ds:
-                bands = data_bands(ds)
-                arr = ds.read(bands)
-                valid = ds.dataset_mask() > 0
-        else:
-            arr = image if image.ndim == 3 else image[None]
-        if arr.shape[0] != self.card.in_channels:
-            from ..errors import BandCountError
-
-            raise BandCountError(
-                f"image has {arr.shape[0]} bands, model {self.card.name!r} expects "
-                f"{self.card.in_channels}"
-            )
-        tile = tile_size or self.card.tile_size
-        opts = RunOptions(tile, default_overlap(tile) if overlap is None else overlap, blend,
-                          batch_size, confidence=True, margin=margin)
-        with torch_threads_kept():
-            out = predict_array(arr, self, opts, valid=valid)
-        assert out.confidence is not None
-        return out.classes, out.confidence
-
 
 class TorchBackend(Backend):
     """Runs an ``nn.Module`` in eval mode; AMP (fp16 autocast) on CUDA.
@@ -182,12 +138,22 @@ class TorchBackend(Backend):
     """
 
     def __init__(self, module: Any, card: ModelCard, *, device: str = "auto", amp: bool | None = None,
-                 streams: int | None = None):
+                 streams: int | None = None, precision: str = "auto"):
         self.card = card
         self.device = resolve_device(device)
         self._set_streams(streams)
-        self.amp = self.device.startswith("cuda") if amp is None else bool(amp and self.device != "cpu")
+        cuda = self.device.startswith("cuda")
+        self.amp = cuda if amp is None else bool(amp and cuda)
+        if precision not in ("auto", "fp16", "bf16", "fp32"):
+            raise DeviceError(f"unknown precision {precision!r}; use auto, fp16, bf16 or fp32")
+        if precision == "fp32":
+            self.amp = False
+        self.precision = ("fp16" if precision == "auto" else precision) if self.amp else "fp32"
         self.module = module.to(self.device).eval()
+        if cuda:  # convolutions run fastest on NHWC tensors on recent GPUs
+            import torch
+
+            self.module = self.module.to(memory_format=torch.channels_last)
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         import torch
@@ -195,15 +161,29 @@ class TorchBackend(Backend):
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if self.device.startswith("cuda"):
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            y = self.forward_tensor(t)
+        return y.cpu().numpy()
+
+    def forward_tensor(self, x: Any) -> Any:
+        """float32 (B, C, H, W) tensor on :attr:`device` -> float32 logits (B, K, H, W) on the device.
+
+        Runs under autocast at :attr:`precision` on a GPU; a head that
+        predicts at a stride is upsampled (bilinear) to the input size.
+        """
+        import torch
+
         cuda = self.device.startswith("cuda")
         if cuda:
-            t = t.pin_memory().to(self.device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast("cuda", enabled=self.amp and cuda):
-            y = self.module(t)
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        with torch.autocast("cuda", dtype=dtype, enabled=self.amp and cuda):
+            y = self.module(x)
             if isinstance(y, (tuple, list)):
                 y = y[0]
-            y = _upsample(y.float(), tuple(x.shape[-2:]))
-        return y.cpu().numpy()
+            return _upsample(y.float(), tuple(x.shape[-2:]))
 
 
 class OnnxBackend(Backend):

@@ -27,9 +27,11 @@ class ModelSpec:
     card: str | None = None
     device: str = "auto"
     streams: int | None = None
+    precision: str = "auto"
 
     def load(self) -> Backend:
-        return load_model(self.model, card=self.card, device=self.device, streams=self.streams)
+        return load_model(self.model, card=self.card, device=self.device, streams=self.streams,
+                          precision=self.precision)
 
 
 _PROCESS_CACHE: dict[ModelSpec, Backend] = {}
@@ -77,6 +79,7 @@ def load_model(
     device: str = "auto",
     amp: bool | None = None,
     streams: int | None = None,
+    precision: str = "auto",
 ) -> Backend:
     """Load a model the predict engine can run.
 
@@ -84,7 +87,7 @@ def load_model(
     ``.onnx`` file or a ``.safetensors`` checkpoint (card: the ``.yaml`` with
     the same stem beside it, or ``card``), a directory holding one of those,
     a ``torch.nn.Module`` (``card`` required) or an already loaded backend.
-    The result has ``.infer(array_or_path)`` for in-memory use. ``streams``
+    ``streams``
     is how many forward passes may run at once (CPU default 2, each on
     ``cores // streams`` threads; GPU 1).
     """
@@ -94,10 +97,10 @@ def load_model(
         if card is None:
             raise ModelCardError("a torch module needs a card: load_model(module, card=ModelCard(...))")
         c = card if isinstance(card, ModelCard) else ModelCard.load(card)
-        return TorchBackend(model, c, device=device, amp=amp, streams=streams)
+        return TorchBackend(model, c, device=device, amp=amp, streams=streams, precision=precision)
 
     spec = ModelSpec(str(model), None if card is None or isinstance(card, ModelCard) else str(card), device,
-                     streams)
+                     streams, precision)
     path = Path(model)
     builtins = builtin_models()
     if not path.exists() and str(model) in builtins:
@@ -117,7 +120,7 @@ def load_model(
         backend: Backend = OnnxBackend(path, _card_beside(path, card), device=device, streams=streams)
     elif suffix == ".safetensors":
         backend = _load_safetensors(path, _card_beside(path, card), device=device, amp=amp,
-                                    streams=streams)
+                                    streams=streams, precision=precision)
     elif suffix in (".pt", ".pth", ".ckpt", ".pkl"):
         raise ModelCardError(
             f"{path.name} is a pickled checkpoint, which can execute code when loaded; "
@@ -130,7 +133,7 @@ def load_model(
 
 
 def _load_safetensors(path: Path, card: ModelCard, *, device: str, amp: bool | None,
-                      streams: int | None) -> Backend:
+                      streams: int | None, precision: str = "auto") -> Backend:
     from safetensors.torch import load_file
 
     from .registry import create_model
@@ -150,7 +153,7 @@ def _load_safetensors(path: Path, card: ModelCard, *, device: str, amp: bool | N
             f"{path.name} does not match architecture {card.architecture!r} with "
             f"{card.num_classes} classes and {card.in_channels} bands: {str(e).splitlines()[0]}"
         ) from None
-    return TorchBackend(module, card, device=device, amp=amp, streams=streams)
+    return TorchBackend(module, card, device=device, amp=amp, streams=streams, precision=precision)
 
 
 def default_model() -> str:

@@ -40,8 +40,8 @@ import numpy as np
 import yaml
 
 from ..errors import ConfigError
+from .metrics import IGNORE
 
-IGNORE = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
 

@@ -15,49 +15,55 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.blocks import as_runnable, predict_array
+from ..engine.options import Tiling, resolve
+from ..engine.schedule import stream_blocks
 from ..errors import ConfigError
-from ..grid import Grid, Layout
-from ..pipeline import RunOptions, default_overlap, predict_array, stream_blocks
+from ..geometry.grid import Grid
+from ..io.raster import RasterSource, data_bands, open_raster
 from .data import DatasetSpec, label_ids, mask_path, read_image, remap, split_images
 from .metrics import IGNORE, ConfusionMatrix
 
 
 def evaluate_dataset(model: Any, spec: DatasetSpec, split: str = "val", *, tile: int | None = None,
-                     overlap: int | None = None, batch_size: int = 4,
+                     overlap: int | None = None, blend: Any = "hann", margin: int | None = None,
+                     batch_size: int = 4,
                      progress: Callable[[int, int], None] | None = None) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` over an image/mask split."""
+    """Confusion matrix of ``model`` over an image/mask split (tiling options as predict's)."""
+    model = as_runnable(model)
+    tiling = Tiling(tile, overlap, blend, margin)
     if spec.kind != "masks":
-        return _evaluate_geo(model, spec, split, tile=tile, overlap=overlap, batch_size=batch_size)
+        return _evaluate_geo(model, spec, split, tiling=tiling, batch_size=batch_size)
     if spec.num_classes != model.card.num_classes:
         raise ConfigError(
             f"the dataset has {spec.num_classes} classes, the model {model.card.num_classes}"
         )
-    t = tile or model.card.tile_size
-    opts = RunOptions(t, default_overlap(t) if overlap is None else overlap, "hann", batch_size)
     cm = ConfusionMatrix(spec.num_classes)
     paths = split_images(spec, split)
     for n, p in enumerate(paths, 1):
         img = read_image(p)[: model.card.in_channels]
         truth = remap(read_image(mask_path(spec, p))[0], spec.label_mapping)
+        _, opts = resolve(model.card, img.shape[1:], tiling, batch_size=batch_size)
         cm.update(predict_array(img, model, opts).classes, truth)
         if progress:
             progress(n, len(paths))
     return cm
 
 
-def _evaluate_geo(model: Any, spec: DatasetSpec, split: str, *, tile: int | None,
-                  overlap: int | None, batch_size: int) -> ConfusionMatrix:
+def _evaluate_geo(model: Any, spec: DatasetSpec, split: str, *, tiling: Tiling,
+                  batch_size: int) -> ConfusionMatrix:
     cm = ConfusionMatrix(spec.num_classes)
     for p in split_images(spec, split):
         cm.merge(evaluate_scene(model, p, spec.labels, class_field=spec.class_field,
-                                label_mapping=spec.label_mapping, tile=tile, overlap=overlap,
-                                batch_size=batch_size))
+                                label_mapping=spec.label_mapping, tile=tiling.tile, overlap=tiling.overlap,
+                                blend=tiling.blend, margin=tiling.margin, batch_size=batch_size))
     return cm
 
 
 def evaluate_scene(model: Any, scene: str | Path, reference: str | Path | None, *,
                    class_field: str | None = None, label_mapping: dict[Any, Any] | None = None,
-                   tile: int | None = None, overlap: int | None = None, batch_size: int = 4,
+                   tile: int | None = None, overlap: int | None = None, blend: Any = "hann",
+                   margin: int | None = None, batch_size: int = 4,
                    scheduler: Any = "threads") -> ConfusionMatrix:
     """Stream a confusion matrix over a whole raster; memory bounded by the block size.
 
@@ -65,8 +71,7 @@ def evaluate_scene(model: Any, scene: str | Path, reference: str | Path | None, 
     or vector labels (GPKG/GeoJSON) with ``class_field``, rasterized per
     block in the scene's CRS; unlabelled pixels are ignored.
     """
-    from ..io.raster import RasterSource, data_bands, open_raster
-
+    model = as_runnable(model)
     if reference is None:
         raise ConfigError("scene evaluation needs --reference labels.tif or labels.gpkg")
     ref = Path(reference)
@@ -75,10 +80,8 @@ def evaluate_scene(model: Any, scene: str | Path, reference: str | Path | None, 
     with open_raster(scene) as ds:
         grid = Grid.from_rio(ds)
         bands = data_bands(ds)
-    t = tile or model.card.tile_size
-    layout = Layout.create(grid, tile=t, overlap=default_overlap(t) if overlap is None else overlap,
-                           pad_multiple=model.card.pad_multiple)
-    opts = RunOptions(layout.tile, layout.overlap, "hann", batch_size)
+    layout, opts = resolve(model.card, grid.shape, Tiling(tile, overlap, blend, margin), batch_size=batch_size,
+                           grid=grid)
     reader = _reference_reader(ref, grid, class_field, label_mapping or {}, list(model.card.classes))
     cm = ConfusionMatrix(model.card.num_classes)
 

@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..geometry.units import NODATA
 
 WindowFn = Callable[[int], np.ndarray]
 
@@ -137,7 +138,7 @@ def argmax_classes(scores: np.ndarray) -> np.ndarray:
     return classes
 
 
-def resolve(acc: np.ndarray, valid: np.ndarray | None = None, *, nodata: int = 255,
+def resolve(acc: np.ndarray, valid: np.ndarray | None = None, *, nodata: int = NODATA,
             confidence: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Turn an accumulator into a uint8 class map and, optionally, confidence.
 

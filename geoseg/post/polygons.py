@@ -33,46 +33,11 @@ import numpy as np
 import shapely
 from affine import Affine
 
+from ..geometry.units import NODATA, Measure
+from ..io.vector import Batch
+
 BLOCK_BYTES = 16 * 2**20  # class pixels per task when the block shape is chosen automatically
 UNION_TASK_VERTICES = 500_000  # vertices of pieces per union task sent to a worker
-
-
-@dataclass(frozen=True)
-class Measure:
-    """Area (m²) and perimeter (m): planar for projected CRSs (units converted), geodesic otherwise."""
-
-    factor: float = 1.0  # metres per CRS unit (projected CRSs)
-    geodesic_wkt: str | None = None  # a geographic CRS: measure on its ellipsoid
-
-    @classmethod
-    def for_crs(cls, crs: Any) -> Measure:
-        if crs is None:
-            return cls()
-        if crs.is_projected:
-            return cls(factor=float(crs.linear_units_factor[1]))
-        return cls(geodesic_wkt=crs.to_wkt())
-
-    def __call__(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.geodesic_wkt is None:
-            return shapely.area(geoms) * self.factor**2, shapely.length(geoms) * self.factor
-        from pyproj import CRS
-
-        geod = CRS.from_wkt(self.geodesic_wkt).get_geod()
-        ap = [geod.geometry_area_perimeter(g) for g in geoms]  # type: ignore[union-attr]
-        return np.abs([a for a, _ in ap]).astype(np.float64), np.array([p for _, p in ap], np.float64)
-
-
-@dataclass
-class Batch:
-    """Polygons ready to write: WKB in the raster's CRS, class ids, area (m²), perimeter (m)."""
-
-    wkb: np.ndarray
-    ids: np.ndarray
-    area: np.ndarray
-    perimeter: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
 
 @dataclass
@@ -179,7 +144,7 @@ def _batch(polys: np.ndarray, ids: np.ndarray, transform: Affine, measure: Measu
 
 
 def polygonize_block(classes: np.ndarray, row0: int, col0: int, grid_shape: tuple[int, int],
-                     transform: Affine, measure: Measure | None, *, nodata: int = 255,
+                     transform: Affine, measure: Measure | None, *, nodata: int = NODATA,
                      connectivity: int = 4) -> BlockResult:
     """Polygonize one (h, w) uint8 block whose top-left pixel is (row0, col0) in the grid."""
     import warnings
@@ -212,7 +177,7 @@ def _read_and_polygonize(path: str, r0: int, c0: int, h: int, w: int, grid_shape
     import rasterio
     from rasterio.windows import Window
 
-    from .io.raster import GDAL_CACHE_BYTES
+    from ..io.raster import GDAL_CACHE_BYTES
 
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(path) as ds:
         classes = ds.read(1, window=Window(c0, r0, w, h))
@@ -344,7 +309,7 @@ class _Runner:
 
 
 def polygonize_raster(path: str | Path, grid_shape: tuple[int, int], transform: Affine, measure: Measure | None, *,
-                      sink: Callable[[Batch], None], nodata: int = 255, block: int | None = None,
+                      sink: Callable[[Batch], None], nodata: int = NODATA, block: int | None = None,
                       num_workers: int | None = None) -> int:
     """Polygonize a uint8 class raster by blocks; ``sink`` receives batches of finished polygons.
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from affine import Affine
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: GeoTIFF tiles must have sides that are multiples of 16.
 _TIFF_TILE_QUANTUM = 16

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .io.raster import bounded_gdal_cache
+from ..geometry.units import NODATA
+from .raster import bounded_gdal_cache
+from .styles import hex_color
 
 MAX_SIDE = 1200
 
@@ -35,7 +37,7 @@ def stretch(img: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 @bounded_gdal_cache
 def write_quicklook(src: str | Path, bands: Sequence[int], classes_tif: str | Path, out_png: str | Path,
-                    names: Sequence[str], palette: Sequence[tuple[int, int, int]], *, nodata: int = 255,
+                    names: Sequence[str], palette: Sequence[tuple[int, int, int]], *, nodata: int = NODATA,
                     alpha: float = 0.45, max_side: int = MAX_SIDE) -> Path:
     """Draw the classes over the image (both read at most ``max_side`` px wide, from overviews if any)."""
     import matplotlib
@@ -67,7 +69,7 @@ def write_quicklook(src: str | Path, bands: Sequence[int], classes_tif: str | Pa
     ax = fig.add_axes((0, 0, w / 100 / (w / 100 + 2.2), 1))
     ax.imshow(rgb, interpolation="nearest")
     ax.set_axis_off()
-    fig.legend(handles=[Patch(color="#{:02x}{:02x}{:02x}".format(*palette[c]), label=names[c]) for c in present],
+    fig.legend(handles=[Patch(color=hex_color(palette[c]), label=names[c]) for c in present],
                loc="center right", frameon=False, fontsize=10)
     out_png = Path(out_png)
     tmp = out_png.with_name(f".{out_png.stem}.part.png")

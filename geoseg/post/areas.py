@@ -15,16 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
-from .grid import Grid
-
-
-def _linear_factor(crs: Any) -> float:
-    """Metres per CRS linear unit."""
-    try:
-        return float(crs.linear_units_factor[1])
-    except Exception as e:  # rasterio raises CRSError for unusual units
-        raise ConfigError(f"cannot tell the linear unit of {crs}: {e}") from None
+from ..errors import ConfigError
+from ..geometry.grid import Grid
+from ..geometry.units import NODATA, metres_per_unit
 
 
 def row_pixel_areas(grid: Grid, rows: slice) -> np.ndarray:
@@ -35,7 +28,7 @@ def row_pixel_areas(grid: Grid, rows: slice) -> np.ndarray:
         raise ConfigError("the raster has no CRS, so pixel areas are unknown; assign one with gdal_edit")
     a, b, c, d, e, f = grid.transform[:6]
     if crs.is_projected:
-        k = _linear_factor(crs)
+        k = metres_per_unit(crs)
         return np.full(n, abs(a * e - b * d) * k * k)
     if b or d:
         raise ConfigError("geodesic areas need a north-up grid (no rotation); warp the raster first")
@@ -62,7 +55,7 @@ class AreaTable:
     pixels: np.ndarray = field(init=False)
     area_m2: np.ndarray = field(init=False)
     zone_area_m2: dict[Any, np.ndarray] = field(default_factory=dict)
-    nodata: int = 255
+    nodata: int = NODATA
 
     def __post_init__(self) -> None:
         k = len(self.classes)

@@ -18,16 +18,16 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from .errors import ConfigError, OutputExistsError
-from .grid import Grid
-from .io.raster import BlockWriter, bounded_gdal_cache, open_raster
-from .io.styles import categorized_polygons_qml, write_text_atomic
-from .io.vector import PolygonWriter, vector_format
-from .stats import AreaTable, row_pixel_areas
-from .vectorize import Batch, polygonize_raster
+from ..errors import ConfigError, OutputExistsError
+from ..geometry.grid import Grid
+from ..geometry.units import NODATA, metres_to_crs_units
+from ..io.raster import BlockWriter, bounded_gdal_cache, open_raster
+from ..io.styles import categorized_polygons_qml, write_text_atomic
+from ..io.vector import PolygonWriter, vector_format
+from .areas import AreaTable, row_pixel_areas
+from .polygons import Batch, polygonize_raster
 
 BLOCK = 2048  # a multiple of the COG's 512-px tiles
-NODATA = 255
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def class_info(ds: Any, *, count: int | None = None) -> ClassInfo:
         cmap = ds.colormap(1)
         palette = [tuple(cmap.get(i, (128, 128, 128, 255))[:3]) for i in range(len(names))]
     except ValueError:
-        from .models.card import DEFAULT_COLORS, _hex_to_rgb
+        from ..models.card import DEFAULT_COLORS, _hex_to_rgb
 
         palette = [_hex_to_rgb(DEFAULT_COLORS[i % 10], "raster") for i in range(len(names))]
     return ClassInfo(names, palette)  # type: ignore[arg-type]
@@ -176,7 +176,7 @@ def vectorize(src: str | Path, output: str | Path, *, fmt: str = "gpkg", simplif
             geoms = shapely.from_wkb(np.concatenate([b.wkb for b in held]))
             ids = np.concatenate([b.ids for b in held])
             held.clear()
-            geoms = shapely.coverage_simplify(geoms, _metres_to_crs_units(grid, simplify), simplify_boundary=True)
+            geoms = shapely.coverage_simplify(geoms, metres_to_crs_units(grid.crs, simplify), simplify_boundary=True)
             writer.write(geoms, ids)
         if not tagged:
             with open_raster(src) as ds:
@@ -188,15 +188,6 @@ def vectorize(src: str | Path, output: str | Path, *, fmt: str = "gpkg", simplif
         writer.abort()
         raise
     return {"path": str(path), "polygons": n, "simplify_m": simplify}
-
-
-def _metres_to_crs_units(grid: Grid, metres: float) -> float:
-    crs = grid.crs
-    if crs is None:
-        return metres
-    if crs.is_projected:
-        return metres / float(crs.linear_units_factor[1])
-    return metres / 111_320.0  # degrees of latitude; longitude shrinks with latitude
 
 
 @bounded_gdal_cache

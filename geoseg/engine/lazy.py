@@ -1,0 +1,229 @@
+"""``segment``: the block engine as a lazy dask / xarray transform.
+
+The input is a (band, y, x) ``xarray.DataArray`` (rioxarray, stackstac,
+odc-stac; dask-backed or not), a dask array or a numpy array of raw values.
+The result is a lazy uint8 class array on the same grid, chunked by the
+layout's output blocks; nothing runs until it is computed or stored.
+
+The graph is the block wavefront of :mod:`geoseg.engine.schedule`, made of
+plain dask tasks: block (i, j) reads its extent from the input's chunks,
+runs its tiles, adds the strips of blocks (i - 1, j), (i, j - 1) and
+(i - 1, j - 1) (task results), and each output chunk takes its classes
+from its block's task. So every tile runs once per compute, however the
+result is stored (``da.store``, ``.rio.to_raster(..., lock=...)``,
+``to_zarr``), and a block's accumulator lives only inside its task: memory
+follows the blocks in flight, not the scene.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import BandCountError, ConfigError
+from ..geometry.grid import Layout, reflect_index
+from ..geometry.units import NODATA
+from .blocks import BlockOut, as_runnable, compute_block
+from .options import RunOptions, Tiling, resolve
+
+
+def _lazy_block(parts: Any, ridx: np.ndarray, cidx: np.ndarray, nodata: float | None, model_ref: Any,
+                layout: Layout, opts: RunOptions, i: int, j: int, top: Any, left: Any,
+                corner: Any) -> tuple[BlockOut, Any]:
+    from dask.array.core import concatenate3
+
+    win = concatenate3(parts) if isinstance(parts, list) else parts
+    data = win[:, ridx][:, :, cidx]
+    ok = valid_mask(data, nodata)
+    return compute_block(data, ok, model_ref, layout, opts, i, j,
+                         top[1][0] if top is not None else None,
+                         left[1][1] if left is not None else None,
+                         corner[1][2] if corner is not None else None)
+
+
+def valid_mask(data: np.ndarray, nodata: float | None) -> np.ndarray:
+    """(h, w) validity of raw (C, h, w) values.
+
+    As GDAL's dataset mask: a pixel is nodata only where every band holds
+    the ``nodata`` value. NaN is never a valid measurement, so a pixel with
+    NaN in any band is invalid whether or not nodata is declared.
+    """
+    valid = np.ones(data.shape[1:], bool)
+    if nodata is not None and not (isinstance(nodata, float) and np.isnan(nodata)):
+        valid = (data != np.asarray(nodata, dtype=data.dtype)).any(axis=0)
+    if data.dtype.kind == "f":
+        valid &= np.isfinite(data).all(axis=0)
+    return valid
+
+
+def _classes(blk: tuple[BlockOut, Any]) -> np.ndarray:
+    return blk[0].classes
+
+
+def _confidence(blk: tuple[BlockOut, Any]) -> np.ndarray:
+    conf = blk[0].confidence
+    assert conf is not None  # the graph asks for confidence only when it computed it
+    return conf
+
+
+def _as_dask(x: Any) -> tuple[Any, Any]:
+    """(dask array (C, H, W), DataArray or None) for any supported input."""
+    import dask.array as da
+
+    try:
+        import xarray as xr
+    except ImportError:  # pragma: no cover - xarray is a dependency
+        xr = None
+    if xr is not None and isinstance(x, xr.DataArray):
+        if x.ndim == 2:
+            x = x.expand_dims("band")
+        if x.ndim != 3:
+            raise ConfigError(f"segment needs a (band, y, x) DataArray, got dims {x.dims}")
+        data = x.data if isinstance(x.data, da.Array) else da.from_array(x.data, chunks=(-1, 2048, 2048))
+        return data, x
+    if isinstance(x, da.Array):
+        data = x
+    elif isinstance(x, np.ndarray):
+        data = da.from_array(x, chunks=(-1, 2048, 2048))
+    else:
+        raise ConfigError(
+            f"segment takes an xarray.DataArray, a dask array or a numpy array, not {type(x).__name__}; "
+            "for a file use geoseg.predict or rioxarray.open_rasterio(path, chunks=True)"
+        )
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise ConfigError(f"segment needs a (band, y, x) array, got {data.ndim} dimensions")
+    return data, None
+
+
+def _nodata_of(xarr: Any, nodata: float | None) -> float | None:
+    if nodata is not None or xarr is None:
+        return nodata
+    for key in ("_FillValue", "nodata"):
+        if key in xarr.attrs:
+            return xarr.attrs[key]
+    rio = getattr(xarr, "rio", None) if _has_rioxarray() else None
+    if rio is not None:
+        return rio.nodata
+    return None
+
+
+def _has_rioxarray() -> bool:
+    try:
+        import rioxarray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def segment_graph(data: Any, model_ref: Any, layout: Layout, opts: RunOptions, nodata: float | None,
+                  token: str) -> tuple[Any, Any]:
+    """Dask arrays (classes, confidence or None) for raw ``data`` (C, H, W) over ``layout``."""
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph
+
+    h, w = layout.grid.shape
+    bname, cname, fname = f"geoseg-block-{token}", f"geoseg-classes-{token}", f"geoseg-confidence-{token}"
+    dsk: dict[Any, Any] = {}
+    deps = []
+    for i, j in layout.iter_blocks():
+        rows, cols = layout.block_extent(i, j)
+        ridx = reflect_index(np.arange(rows.start, rows.stop), h)
+        cidx = reflect_index(np.arange(cols.start, cols.stop), w)
+        r0, c0 = int(ridx.min()), int(cidx.min())
+        win = data[:, r0 : int(ridx.max()) + 1, c0 : int(cidx.max()) + 1]
+        deps.append(win)
+        nb = [(bname, a, b) if a >= 0 and b >= 0 else None for a, b in ((i - 1, j), (i, j - 1), (i - 1, j - 1))]
+        dsk[(bname, i, j)] = (_lazy_block, win.__dask_keys__(), ridx - r0, cidx - c0, nodata, model_ref,
+                              layout, opts, i, j, *nb)
+        dsk[(cname, i, j)] = (_classes, (bname, i, j))
+        if opts.confidence:
+            dsk[(fname, i, j)] = (_confidence, (bname, i, j))
+    chunks = layout.chunks()
+    graph = HighLevelGraph.from_collections(cname, dsk, dependencies=deps)
+    classes = da.Array(graph, cname, chunks=chunks, dtype=np.uint8)
+    conf = da.Array(graph, fname, chunks=chunks, dtype=np.float32) if opts.confidence else None
+    return classes, conf
+
+
+def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | None = None,
+            blend: Any = "hann", margin: int | None = None, batch_size: int | None = None,
+            bands: list[int] | None = None, confidence: bool = False, nodata: float | None = None) -> Any:
+    """Lazily segment a (band, y, x) raster of raw values with ``model``.
+
+    ``x`` is an ``xarray.DataArray`` (dask-backed or not), a dask array or a
+    numpy array; ``bands`` are 1-based indexes into its first axis (default:
+    all). ``nodata`` defaults to the DataArray's ``_FillValue`` / rioxarray
+    nodata; NaN is always treated as nodata. Tiling options are those of
+    :func:`geoseg.predict`.
+
+    Returns, for a DataArray, a lazy ``DataArray`` of uint8 classes (dims
+    ``y``, ``x``, the input's coordinates, CRS and transform; nodata 255;
+    ``class_names`` and ``class_colors`` in attrs), or with ``confidence``
+    a ``Dataset`` of ``classes`` and ``confidence`` (float32 max softmax,
+    -1 where nodata). For a dask or numpy input, a dask array (or a pair).
+    """
+    import dask.base
+
+    data, xarr = _as_dask(x)
+    if bands:
+        c = data.shape[0]
+        bad = [b for b in bands if b < 1 or b > c]
+        if bad:
+            raise ConfigError(f"band {bad[0]} does not exist; the input has bands 1..{c}")
+        data = data[[b - 1 for b in bands]]
+    net = as_runnable(model)
+    card = net.card
+    if data.shape[0] != card.in_channels:
+        raise BandCountError(
+            f"the input has {data.shape[0]} bands but model {card.name!r} expects {card.in_channels}; "
+            "pick them with bands=[...]"
+        )
+    layout, opts = resolve(card, tuple(data.shape[1:]), Tiling(tile_size, overlap, blend, margin),
+                           batch_size=batch_size or 4, confidence=confidence)
+    nd = _nodata_of(xarr, nodata)
+    token = dask.base.tokenize(data.name, id(net), layout.tile, layout.overlap, layout.tiles_per_block,
+                               repr(opts), nd)
+    classes, conf = segment_graph(data, model if not hasattr(model, "backend") else net, layout, opts, nd, token)
+    if xarr is None:
+        return (classes, conf) if confidence else classes
+    return _wrap(xarr, classes, conf, card)
+
+
+def _wrap(xarr: Any, classes: Any, conf: Any, card: Any) -> Any:
+    import xarray as xr
+
+    from ..io.styles import hex_color
+
+    ydim, xdim = xarr.dims[-2], xarr.dims[-1]
+    coords = {k: v for k, v in xarr.coords.items() if ydim in v.dims or xdim in v.dims or v.ndim == 0}
+    coords = {k: v for k, v in coords.items() if "band" not in v.dims}
+    attrs = {"class_names": list(card.classes), "class_colors": [hex_color(p) for p in card.palette()],
+             "long_name": "class", "model": card.name}
+    out = xr.DataArray(classes, dims=(ydim, xdim), coords=coords, name="classes", attrs=attrs)
+    crs = transform = None
+    if _has_rioxarray():
+        try:
+            crs, transform = xarr.rio.crs, xarr.rio.transform(recalc=False)
+        except Exception:  # coordinates without a regular grid: leave the georeferencing to the coords
+            crs = transform = None
+    if crs is not None or transform is not None:
+        out = _georef(out, crs, transform, NODATA)
+    else:
+        out.attrs["_FillValue"] = NODATA
+    if conf is None:
+        return out
+    cf = xr.DataArray(conf, dims=(ydim, xdim), coords=coords, name="confidence",
+                      attrs={"long_name": "confidence (max softmax)"})
+    cf = _georef(cf, crs, transform, -1.0) if crs is not None else cf
+    return xr.Dataset({"classes": out, "confidence": cf})
+
+
+def _georef(da_: Any, crs: Any, transform: Any, nodata: float) -> Any:
+    if crs is not None:
+        da_ = da_.rio.write_crs(crs)
+    if transform is not None:
+        da_ = da_.rio.write_transform(transform)
+    return da_.rio.write_nodata(nodata, encoded=False)

@@ -1,0 +1,130 @@
+"""Running the blocks of a layout through dask, each handed to a sink once.
+
+Block (i, j) is one task that follows blocks (i - 1, j), (i, j - 1) and
+(i - 1, j - 1), whose strips it adds (see :func:`~geoseg.engine.blocks.compute_block`),
+so blocks run as a wavefront and no accumulator outlives its task.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from ..geometry.grid import Layout
+from .blocks import Sink, Source, Strips, process_block
+from .options import RunOptions
+
+
+class StripStore:
+    """Strips waiting for their one consumer block (thread-safe; each is taken exactly once).
+
+    Keys are ``(i, j, k)`` for block (i, j)'s bottom (k=0), right (1) and
+    corner (2) strip. A strip lives from the task that makes it to the task
+    that takes it, so at most about one row of blocks' strips is held.
+    """
+
+    def __init__(self) -> None:
+        self._strips: dict[tuple[int, int, int], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def put(self, i: int, j: int, strips: Strips) -> None:
+        with self._lock:
+            for k, s in enumerate(strips):
+                if s is not None:
+                    self._strips[i, j, k] = s
+
+    def take(self, i: int, j: int, k: int) -> np.ndarray | None:
+        with self._lock:
+            return self._strips.pop((i, j, k), None)
+
+    def __len__(self) -> int:
+        return len(self._strips)
+
+
+def _block_in_process(store: StripStore, source: Source, model_ref: Any, layout: Layout,
+                      opts: RunOptions, i: int, j: int, sink: Sink, *after: None) -> None:
+    """One block on the local scheduler: strips come from and go to ``store``.
+
+    ``after`` are the neighbour tasks this one must follow (their results are None).
+    """
+    _, strips = process_block(source, model_ref, layout, opts, i, j, store.take(i - 1, j, 0),
+                              store.take(i, j - 1, 1), store.take(i - 1, j - 1, 2), sink)
+    store.put(i, j, strips)
+
+
+def stream_blocks(source: Source, model_ref: Any, layout: Layout, opts: RunOptions, sink: Sink, *,
+                  scheduler: Any = "threads", num_workers: int | None = None,
+                  band_tasks: int = 32) -> None:
+    """Compute every block through dask and hand each to ``sink(ij, block)`` once.
+
+    Block (i, j) is one task that follows blocks (i - 1, j), (i, j - 1) and
+    (i - 1, j - 1), whose strips it adds, so blocks run as a wavefront and no
+    accumulator outlives its task.
+
+    ``scheduler`` is a dask local scheduler name (``threads``, ``sync``) or a
+    ``distributed.Client``. Locally the sink runs inside each task and strips
+    pass through a :class:`StripStore`, each freed the moment it is used. On
+    a cluster, strips travel as task results and class blocks stream back to
+    this process, which runs the sink; the graph goes out in bands of block
+    rows (at least ``band_tasks`` blocks each) with only the last row's strips
+    carried over, so memory does not depend on how the cluster orders it.
+    """
+    import dask
+
+    if isinstance(scheduler, str):
+        # A plain task graph: nothing to tokenize, so the first block starts at once.
+        from dask.local import get_sync
+        from dask.threaded import get as get_threaded
+
+        store = StripStore()
+        dsk: dict[str, tuple[Any, ...]] = {}
+        for i, j in layout.iter_blocks():
+            after = [f"geoseg-block-{a}-{b}" for a, b in ((i - 1, j), (i, j - 1), (i - 1, j - 1))
+                     if a >= 0 and b >= 0]
+            dsk[f"geoseg-block-{i}-{j}"] = (_block_in_process, store, source, model_ref, layout, opts, i, j,
+                                            sink, *after)
+        if scheduler == "sync":
+            get_sync(dsk, list(dsk))
+        elif scheduler == "threads":
+            get_threaded(dsk, list(dsk), num_workers=num_workers)
+        else:
+            raise ValueError(f"unknown local scheduler {scheduler!r}; use 'threads' or 'sync'")
+        return
+
+    nbi, nbj = layout.blocks
+    band = max(2, -(-band_tasks // nbj))
+    carry: list[tuple[Any, Any]] | None = None  # (bottom, corner) of the row above the band
+    for i0 in range(0, nbi, band):
+        i1 = min(i0 + band, nbi)
+        tasks: dict[tuple[int, int], Any] = {}
+        for i in range(i0, i1):
+            for j in range(nbj):
+                if i == i0:
+                    top = carry[j][0] if carry else None
+                    corner = carry[j - 1][1] if carry and j > 0 else None
+                else:
+                    top = tasks[i - 1, j][1][0]
+                    corner = tasks[i - 1, j - 1][1][2] if j > 0 else None
+                left = tasks[i, j - 1][1][1] if j > 0 else None
+                tasks[i, j] = dask.delayed(process_block, pure=False, nout=2)(
+                    source, model_ref, layout, opts, i, j, top, left, corner, None,
+                    dask_key_name=f"geoseg-block-{i}-{j}",
+                )
+        last = [(tasks[i1 - 1, j][1][0], tasks[i1 - 1, j][1][2]) for j in range(nbj)]
+        carry = _run_band_on_cluster(scheduler, tasks, last, sink)
+
+
+def _run_band_on_cluster(client: Any, tasks: dict[tuple[int, int], Any], last: list[Any],
+                         sink: Sink) -> list[tuple[Any, Any]]:
+    from distributed import as_completed
+
+    keys = list(tasks)
+    futures = client.compute([tasks[k][0] for k in keys])
+    strip_futures = client.compute(last)
+    index = {f.key: k for f, k in zip(futures, keys)}
+    for fut, blk in as_completed(futures, with_results=True):
+        sink(index[fut.key], blk)
+        fut.release()
+    return [tuple(x) for x in client.gather(strip_futures)]

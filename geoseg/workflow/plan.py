@@ -1,0 +1,189 @@
+"""The plan of one ``predict`` run: every option resolved and every check done, nothing written.
+
+Whatever can make a run fail for a reason the user controls — the input,
+its CRS and bands, the zones file and field, the numbers, the model and its
+card, the output folder, the scheduler address — is checked here, before
+any work, so a refused run leaves no trace.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..engine.options import Compute, RunOptions, Tiling, resolve
+from ..errors import BandCountError, ConfigError, OutputExistsError
+from ..geometry.grid import Grid, Layout
+from ..io.raster import RasterSource, data_bands, open_raster
+from ..io.staging import check_output_dir
+from ..io.vector import vector_format
+from ..models.backends import Backend, TorchBackend, auto_batch_size
+from ..models.loading import ModelSpec, load_model
+
+#: Every file a run may write, so that an --overwrite run never leaves a file of an older run beside its own.
+ALL_OUTPUTS = ("classes.tif", "classes.tif.aux.xml", "classes.qml", "confidence.tif", "stats.csv", "stats.json",
+               "run.json", "quicklook.png", "polygons.gpkg", "polygons.geojson", "polygons.parquet",
+               "polygons.fgb", "polygons.qml")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What a run writes besides ``classes.tif`` (areas in m², lengths in metres)."""
+
+    confidence: bool = False
+    polygons: bool = True
+    min_area: float | None = None
+    simplify: float | None = None
+    vector_format: str = "gpkg"
+    zones: str | Path | None = None
+    zone_field: str | None = None
+    quicklook: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name, flag in (("min_area", "--min-area"), ("simplify", "--simplify")):
+            v = getattr(self, name)
+            if v is not None and (not math.isfinite(v) or v < 0):
+                raise ConfigError(f"{flag} must be a number >= 0, got {v}")
+        vector_format(self.vector_format)
+
+    def names(self) -> list[str]:
+        names = ["classes.tif", "classes.tif.aux.xml", "classes.qml", "stats.csv", "stats.json", "run.json"]
+        names += ["confidence.tif"] if self.confidence else []
+        names += ["quicklook.png"] if self.quicklook else []
+        names += [f"polygons{vector_format(self.vector_format)[1]}", "polygons.qml"] if self.polygons else []
+        return names
+
+
+def split_options(options: dict[str, Any]) -> tuple[Tiling, Compute, Outputs]:
+    """Flat keyword options (``tile_size=``, ``device=``, ``min_area=`` …) into the three groups."""
+    alias = {"tile_size": "tile"}
+    groups: list[dict[str, Any]] = [{}, {}, {}]
+    names = [{f.name for f in fields(cls)} for cls in (Tiling, Compute, Outputs)]
+    for key, value in options.items():
+        k = alias.get(key, key)
+        for g, known in zip(groups, names):
+            if k in known:
+                g[k] = value
+                break
+        else:
+            valid = sorted(set().union(*names) | {"tile_size"} - {"tile"})
+            raise ConfigError(f"unknown predict option {key!r}; valid: {', '.join(valid)}")
+    return Tiling(**groups[0]), Compute(**groups[1]), Outputs(**groups[2])
+
+
+@dataclass(frozen=True)
+class Plan:
+    given: str  # the input as the user named it
+    src: str  # the input as this process reads it (absolute path or URL)
+    out: Path
+    grid: Grid
+    bands: list[int]
+    net: Backend
+    model_ref: Any  # what block tasks load the model from (the backend, or a ModelSpec for a cluster)
+    card_path: str | None
+    layout: Layout
+    opts: RunOptions
+    compute: Compute
+    outputs: Outputs
+    engine: str  # "blocks" or "device"
+
+    @property
+    def source(self) -> RasterSource:
+        return RasterSource(self.src, tuple(self.bands))
+
+
+_SCHEDULER = re.compile(r"^(tcp|tls|inproc|ucx|ws|wss)://[^\s/]+(:\d+)?/?$|^[\w.\-]+:\d+$")
+
+
+def check_scheduler(scheduler: Any) -> None:
+    if scheduler is None or not isinstance(scheduler, str) or scheduler in ("threads", "local", "sync"):
+        return
+    if not _SCHEDULER.match(scheduler):
+        raise ConfigError(
+            f"--scheduler {scheduler!r} is not a dask scheduler address; use e.g. tcp://127.0.0.1:8786 "
+            "(or leave it out for local threads)"
+        )
+
+
+def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None, tiling: Tiling,
+              compute: Compute, outputs: Outputs, bands: Sequence[int] | None = None) -> Plan:
+    """Check everything and resolve every option of a run; nothing is written."""
+    check_output_dir(out)
+    existing = [n for n in outputs.names() if (out / n).exists()]
+    if existing and not outputs.overwrite:
+        raise OutputExistsError(f"{out / existing[0]} already exists; pass --overwrite or choose another --output")
+    check_scheduler(compute.scheduler)
+    with open_raster(src) as ds:
+        grid = Grid.from_rio(ds)
+        use = list(bands) if bands else data_bands(ds)
+        bad = [b for b in use if b < 1 or b > ds.count]
+        if bad:
+            raise ConfigError(f"band {bad[0]} does not exist; {src} has bands 1..{ds.count}")
+    if grid.crs is None:
+        raise ConfigError(f"{src} has no CRS, so areas and polygons cannot be placed; "
+                          "assign one with gdal_edit.py -a_srs EPSG:XXXX")
+    if outputs.zones is not None:
+        _check_zones(Path(outputs.zones), outputs.zone_field)
+    net = model if isinstance(model, Backend) else load_model(
+        model, card=card, device=compute.device, streams=compute.streams, precision=compute.precision)
+    mc = net.card
+    if len(use) != mc.in_channels:
+        expect = f" ({', '.join(mc.bands)})" if mc.bands else ""
+        fix = (f"choose {mc.in_channels} with --bands" if len(use) > mc.in_channels
+               else "use a raster with the bands the model was trained on")
+        raise BandCountError(
+            f"{src} has {len(use)} data bands but model {mc.name!r} expects {mc.in_channels}{expect}; {fix}"
+        )
+    bs = compute.batch_size or auto_batch_size(net.device, mc.tile_size if tiling.tile is None else tiling.tile,
+                                               mc.in_channels)
+    layout, opts = resolve(mc, grid.shape, tiling, batch_size=bs, confidence=outputs.confidence, grid=grid)
+    engine = _engine(compute, net)
+    model_ref: Any = net
+    local = compute.scheduler in (None, "threads", "local", "sync")
+    if not local:
+        spec = getattr(net, "spec", None)
+        if spec is None:
+            raise ConfigError("a model passed as an object cannot be sent to a cluster; pass its path")
+        model_ref = ModelSpec(_absolute(spec.model), _absolute(spec.card) if spec.card else None,
+                              compute.device, compute.streams, compute.precision)
+    path = str(Path(src).resolve()) if Path(str(src)).exists() else str(src)
+    return Plan(str(src), path, out, grid, use, net, model_ref, str(card) if card else None, layout, opts, compute,
+                outputs, engine)
+
+
+def _absolute(p: str) -> str:
+    """A file path made absolute in the client, so workers with another working directory find it."""
+    return str(Path(p).resolve()) if Path(p).exists() else p
+
+
+def _engine(compute: Compute, net: Backend) -> str:
+    local = compute.scheduler in (None, "threads", "local", "sync")
+    torch_gpu = isinstance(net, TorchBackend) and net.device.startswith("cuda")
+    if compute.engine == "auto":
+        return "device" if torch_gpu and local else "blocks"
+    if compute.engine == "device":
+        if not isinstance(net, TorchBackend):
+            raise ConfigError("--engine device needs a torch model (safetensors); ONNX models run with "
+                              "--engine blocks")
+        if not local:
+            raise ConfigError("--engine device runs in this process; drop --scheduler or use --engine blocks")
+    return compute.engine
+
+
+def _check_zones(path: Path, field: str | None) -> None:
+    import pyogrio
+
+    if not path.exists():
+        raise ConfigError(f"zones file {path} does not exist; check --zones")
+    try:
+        info = pyogrio.read_info(path)
+    except Exception:
+        raise ConfigError(f"zones file {path} is not a vector file GDAL can read; pass a GeoPackage, "
+                          "GeoJSON or shapefile") from None
+    if field is not None and field not in list(info["fields"]):
+        raise ConfigError(f"{path.name} has no field {field!r}; fields: {', '.join(info['fields'])}")

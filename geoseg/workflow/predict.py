@@ -1,0 +1,107 @@
+"""``geoseg.predict``: a raster of any size in, a folder of outputs out.
+
+Plan (every check, nothing written), then stages into a hidden staging
+folder beside the output (inference and class COG, sieve, polygons, stats,
+quicklook, run record), then publish: the outputs replace those of an
+earlier run together, and a failed run changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..engine.options import Compute, Tiling
+from ..io.raster import bounded_gdal_cache
+from ..io.staging import Staging
+from ..io.styles import write_text_atomic
+from . import stages
+from .plan import ALL_OUTPUTS, Outputs, make_plan, split_options
+from .record import run_record
+
+
+@dataclass
+class PredictResult:
+    """Paths written and what happened, as also recorded in ``run.json``."""
+
+    output: Path
+    files: dict[str, Path]
+    classes: list[str]
+    histogram: np.ndarray  # pixels per class, last entry = nodata
+    tiles_run: int
+    tiles_skipped: int
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    areas: Any = None  # post.areas.AreaTable of the final class raster
+    transfers: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pixels(self) -> int:
+        return int(self.histogram.sum())
+
+
+def default_output(src: str | Path) -> Path:
+    """``<stem>_geoseg`` in the current directory."""
+    return Path.cwd() / f"{Path(str(src)).stem}_geoseg"
+
+
+@bounded_gdal_cache
+def predict(src: str | Path, output: str | Path | None = None, *, model: Any, card: str | Path | None = None,
+            bands: Sequence[int] | None = None, tiling: Tiling | None = None, compute: Compute | None = None,
+            outputs: Outputs | None = None, progress: Callable[[int, int], None] | None = None,
+            **options: Any) -> PredictResult:
+    """Segment a raster of any size into ``output`` (default ``<stem>_geoseg``).
+
+    Writes ``classes.tif`` (COG, uint8, nodata 255, palette, class names,
+    mode overviews), ``classes.qml``, ``polygons.gpkg`` (or another
+    ``vector_format``) with ``polygons.qml``, ``stats.csv`` / ``stats.json``,
+    ``run.json``, and with the options ``confidence.tif`` and
+    ``quicklook.png``. ``model`` is a name, a path or a loaded model (see
+    :func:`geoseg.load_model`); ``bands`` are 1-based band indexes
+    (default: every band that is not alpha).
+
+    Options come as groups — :class:`~geoseg.engine.options.Tiling`
+    (``tile``, ``overlap``, ``blend``, ``margin``),
+    :class:`~geoseg.engine.options.Compute` (``batch_size``, ``device``,
+    ``streams``, ``precision``, ``engine``, ``scheduler``, ``num_workers``)
+    and :class:`~geoseg.workflow.plan.Outputs` (``confidence``,
+    ``polygons``, ``min_area`` m², ``simplify`` m, ``vector_format``,
+    ``zones``, ``zone_field``, ``quicklook``, ``overwrite``) — or as flat
+    keywords of the same names (``tile_size`` for ``tile``).
+    ``progress(done, total)`` is called once per finished block.
+    """
+    t0 = time.perf_counter()
+    flat = split_options(options)
+    tiling, compute, outputs = tiling or flat[0], compute or flat[1], outputs or flat[2]
+    out = Path(output) if output is not None else default_output(src)
+    plan = make_plan(src, out, model=model, card=card, tiling=tiling, compute=compute, outputs=outputs,
+                     bands=bands)
+    staging = Staging(out)
+    try:
+        t_setup = time.perf_counter()
+        counts = stages.inference(plan, staging.dir, progress)
+        t_infer = time.perf_counter()
+        vec, areas = stages.post(plan, staging.dir)
+        t_post = time.perf_counter()
+        if outputs.quicklook:
+            stages.quicklook(plan, staging.dir)
+        t_end = time.perf_counter()
+        timings = {"setup_s": t_setup - t0, "inference_s": t_infer - t_setup - counts.cog_s, "cog_s": counts.cog_s,
+                   "post_s": t_post - t_infer,
+                   "quicklook_s": t_end - t_post, "total_s": t_end - t0}
+        record = run_record(plan, counts, vec, timings)
+        write_text_atomic(staging.dir / "run.json", json.dumps(record, indent=2))
+        names = outputs.names()
+        staging.publish(names, replace=ALL_OUTPUTS if outputs.overwrite else ())
+    except BaseException:
+        staging.discard()
+        raise
+    return PredictResult(out, {n: out / n for n in names if (out / n).exists()}, list(plan.net.card.classes),
+                         counts.histogram, counts.tiles_run, counts.tiles_skipped, t_end - t0, timings, areas,
+                         counts.transfers)

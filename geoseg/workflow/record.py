@@ -1,0 +1,64 @@
+"""``run.json``: the resolved options, the model card, counts, timings and versions of a run."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import numpy as np
+
+from .plan import Plan
+from .stages import Counts
+
+
+def run_record(plan: Plan, counts: Counts, vec: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    mc, layout, c, o = plan.net.card, plan.layout, plan.compute, plan.outputs
+    blend = plan.opts.blend
+    hist = counts.histogram
+    record = {
+        "input": plan.given,
+        "output": str(plan.out),
+        "grid": {"shape": list(plan.grid.shape), "transform": list(plan.grid.transform)[:6],
+                 "crs": plan.grid.crs.to_string() if plan.grid.crs else None},
+        "options": {
+            "model": getattr(getattr(plan.net, "spec", None), "model", mc.name), "card": plan.card_path,
+            "tile_size": layout.tile, "overlap": layout.overlap, "stride": layout.stride,
+            "block_size": layout.block, "blend": blend if isinstance(blend, str) else repr(blend),
+            "margin": plan.opts.resolved_margin, "batch_size": plan.opts.batch_size, "device": plan.net.device,
+            "engine": plan.engine, "precision": getattr(plan.net, "precision", "fp32"),
+            "streams": plan.net.streams, "threads_per_stream": plan.net.threads, "bands": plan.bands,
+            "confidence": o.confidence,
+            "scheduler": c.scheduler if c.scheduler is None or isinstance(c.scheduler, str) else str(c.scheduler),
+            "polygons": o.polygons, "min_area_m2": o.min_area, "simplify_m": o.simplify,
+            "vector_format": o.vector_format, "zones": str(o.zones) if o.zones else None,
+            "quicklook": o.quicklook,
+        },
+        "vectorize": vec,
+        "model_card": mc.to_dict(),
+        "counts": {"pixels": int(hist.sum()), "nodata_pixels": int(hist[-1]),
+                   "tiles_run": counts.tiles_run, "tiles_skipped_nodata": counts.tiles_skipped,
+                   "blocks": counts.blocks, "class_pixels": dict(zip(mc.classes, map(int, hist[:-1])))},
+        "timings": timings,
+        "versions": versions(),
+    }
+    if counts.transfers:
+        record["transfers"] = counts.transfers
+    return record
+
+
+def versions() -> dict[str, str]:
+    import dask
+    import rasterio
+
+    from .. import __version__
+
+    v = {"geoseg": __version__, "python": platform.python_version(), "numpy": np.__version__,
+         "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__, "dask": dask.__version__}
+    for mod in ("torch", "onnxruntime"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except ImportError:  # pragma: no cover - both are dependencies
+            pass
+    v["cpus"] = str(os.cpu_count())
+    return v

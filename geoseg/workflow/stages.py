@@ -1,0 +1,142 @@
+"""The stages of a ``predict`` run, each writing into the staging folder.
+
+inference (class COG, confidence) -> sieve -> polygons -> stats -> quicklook.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..engine.blocks import BlockOut
+from ..engine.schedule import stream_blocks
+from ..errors import ConfigError
+from ..geometry.units import NODATA
+from ..io.raster import BlockWriter, class_tags
+from ..io.styles import hex_color, paletted_raster_qml, write_text_atomic
+from ..models.backends import available_cores, torch_threads_kept
+from .plan import Plan
+
+
+@dataclass
+class Counts:
+    """What inference did: pixels per class (last = nodata), tiles, blocks, host/device bytes."""
+
+    histogram: np.ndarray
+    tiles_run: int = 0
+    tiles_skipped: int = 0
+    blocks: int = 0
+    transfers: dict[str, int] = field(default_factory=dict)
+    cog_s: float = 0.0  # closing the working GeoTIFFs and writing the COGs
+
+
+def block_threads(plan: Plan) -> int:
+    """Local threads working on blocks: one more than can compute at once.
+
+    While a thread reads, blends or resolves a block, the spare one keeps
+    every stream (and core) busy with a forward pass.
+    """
+    return plan.compute.num_workers or max(available_cores(), plan.net.streams) + 1
+
+
+def _scheduler(scheduler: Any) -> tuple[Any, Any]:
+    """(scheduler for stream_blocks, client to close or None)."""
+    if scheduler in (None, "threads", "local"):
+        return "threads", None
+    if scheduler == "sync":
+        return "sync", None
+    if isinstance(scheduler, str):
+        from distributed import Client
+
+        try:
+            return (c := Client(scheduler, timeout="20s")), c
+        except (OSError, TimeoutError, ValueError) as e:
+            raise ConfigError(f"cannot reach dask scheduler {scheduler}: {str(e).splitlines()[0]}; "
+                              "is it running?") from None
+    return scheduler, None  # a distributed.Client the caller owns
+
+
+def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | None) -> Counts:
+    """Run every block and write ``classes.tif`` (and ``confidence.tif``) as COGs into ``staging``."""
+    mc, layout = plan.net.card, plan.layout
+    palette = mc.palette()
+    writers = {"classes": BlockWriter(
+        staging / "classes.tif", plan.grid, dtype="uint8", nodata=NODATA, block=layout.block,
+        colormap={i: (*rgb, 255) for i, rgb in enumerate(palette)} | {NODATA: (0, 0, 0, 0)},
+        tags=class_tags(list(mc.classes), [hex_color(p) for p in palette]), description="class")}
+    if plan.outputs.confidence:
+        writers["confidence"] = BlockWriter(staging / "confidence.tif", plan.grid, dtype="float32", nodata=-1.0,
+                                            block=layout.block, description="confidence (max softmax)")
+    total = layout.blocks[0] * layout.blocks[1]
+    counts = Counts(np.zeros(mc.num_classes + 1, np.int64))
+    lock = threading.Lock()
+
+    def sink(ij: tuple[int, int], blk: BlockOut) -> None:
+        rows, cols = layout.block_slices(*ij)
+        writers["classes"].write(rows, cols, blk.classes)
+        if blk.confidence is not None:
+            writers["confidence"].write(rows, cols, blk.confidence)
+        with lock:
+            counts.tiles_run += blk.tiles_run
+            counts.tiles_skipped += blk.tiles_skipped
+            counts.histogram += blk.histogram
+            counts.blocks += 1
+            if progress:
+                progress(counts.blocks, total)
+
+    sched, client = _scheduler(plan.compute.scheduler)
+    try:
+        with torch_threads_kept():
+            if plan.engine == "device":
+                from ..engine.device import run_on_device
+
+                counts.transfers = run_on_device(plan.source, plan.net, layout, plan.opts, sink).as_dict()
+            else:
+                stream_blocks(plan.source, plan.model_ref, layout, plan.opts, sink, scheduler=sched,
+                              num_workers=block_threads(plan))
+        t = time.perf_counter()
+        writers["classes"].finish(resampling="mode", category_names=list(mc.classes))
+        if "confidence" in writers:
+            writers["confidence"].finish(resampling="average")
+        counts.cog_s = time.perf_counter() - t
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        if client is not None:
+            client.close()
+    write_text_atomic(staging / "classes.qml", paletted_raster_qml(list(mc.classes), palette))
+    return counts
+
+
+def post(plan: Plan, staging: Path) -> tuple[dict[str, Any], Any]:
+    """Sieve, polygons and area statistics from the staged ``classes.tif``."""
+    from ..post.landcover import area_stats, sieve, vectorize, write_stats
+
+    o = plan.outputs
+    vec: dict[str, Any] = {}
+    classes = staging / "classes.tif"
+    if o.min_area:
+        vec["sieve_pixels"] = sieve(classes, o.min_area)
+    if o.polygons:
+        vec.update(vectorize(classes, staging / "polygons", fmt=o.vector_format, simplify=o.simplify,
+                             overwrite=True, num_workers=plan.compute.num_workers))
+        vec["path"] = str(plan.out / Path(vec["path"]).name)
+    areas = area_stats(classes, zones=o.zones, zone_field=o.zone_field)
+    write_stats(areas, staging, source=plan.given)
+    return vec, areas
+
+
+def quicklook(plan: Plan, staging: Path) -> None:
+    from ..io.quicklook import display_bands, write_quicklook
+
+    mc = plan.net.card
+    write_quicklook(plan.src, display_bands(plan.bands, mc.bands or []), staging / "classes.tif",
+                    staging / "quicklook.png", list(mc.classes), mc.palette())
