@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from ..geometry.grid import Layout
-from .blocks import NODATA, BlockOut, Source
+from ..geometry.units import NODATA
+from .blocks import BlockOut, Source
 from .options import RunOptions
 
 
@@ -87,130 +88,157 @@ def run_on_device(source: Source, backend: Any, layout: Layout, opts: RunOptions
     ``backend`` needs ``card``, ``device`` and ``forward_tensor(x) -> logits``
     (a (B, C, T, T) float32 device tensor in, (B, K, T, T) float32 out, see
     :class:`geoseg.models.backends.TorchBackend`). ``sink(ij, block)`` runs
-    on writer threads, at most ``writers`` at once, with numpy blocks.
-    Returns the transfer counters.
+    on writer threads, at most ``writers`` at once, with numpy blocks;
+    ``readers`` threads read up to ``prefetch`` blocks ahead. Returns the
+    transfer counters.
     """
     import torch
 
-    dev = torch.device(backend.device)
-    cuda = dev.type == "cuda"
-    card = backend.card
-    k = card.num_classes
-    t = layout.tile
-    bs = max(1, opts.batch_size)
-    stats = Transfers()
-    window = torch.from_numpy(opts.window()).to(dev)
-    c = card.in_channels
-    std = torch.tensor(card.std if card.std is not None else [1.0] * c, dtype=torch.float64)
-    mean = torch.tensor(card.mean if card.mean is not None else [0.0] * c, dtype=torch.float64)
-    scale = (card.input_scale / std).to(torch.float32).view(-1, 1, 1).to(dev)
-    offset = (mean / std).to(torch.float32).view(-1, 1, 1).to(dev)
-    order = list(layout.iter_blocks())
-    strips: dict[tuple[int, int, int], Any] = {}
-    active: deque[_Block] = deque()
-    queue: deque[tuple[_Block, int, int]] = deque()
-    reads: deque[tuple[tuple[int, int], Future[Any]]] = deque()
-    written: deque[Future[Any]] = deque()
-    nxt = 0
-
-    def load(pool: ThreadPoolExecutor) -> None:
-        nonlocal nxt
-        ij, fut = reads.popleft()
-        while nxt < len(order) and len(reads) < prefetch:
-            reads.append((order[nxt], pool.submit(_read, source, layout, order[nxt], cuda)))
-            nxt += 1
-        data, valid, tile_mask = fut.result()
-        stats.h2d_bytes += data.numel() * data.element_size() + valid.numel()
-        x = data.to(dev, non_blocking=True).to(torch.float32)
-        v = valid.to(dev, non_blocking=True)
-        x.mul_(scale).sub_(offset)
-        x.masked_fill_(~v, 0.0)
-        rows, cols = layout.block_extent(*ij)
-        origins = [(r - rows.start, q - cols.start) for r, q in layout.block_tiles(*ij)]
-        todo = [(r, q) for r, q in origins if tile_mask[r : r + t, q : q + t].any()]
-        acc = torch.zeros((k + 1, *x.shape[1:]), dtype=torch.float32, device=dev)
-        blk = _Block(ij, rows, cols, x, v, acc, todo, len(origins) - len(todo), len(todo))
-        active.append(blk)
-        queue.extend((blk, r, q) for r, q in todo)
-
-    def run_batch() -> None:
-        batch = [queue.popleft() for _ in range(min(bs, len(queue)))]
-        xb = torch.stack([b.x[:, r : r + t, q : q + t] for b, r, q in batch])
-        pad = bs - len(batch) if cuda else 0
-        if pad:
-            xb = torch.cat([xb, xb.new_zeros((pad, *xb.shape[1:]))])
-        logits = backend.forward_tensor(xb)
-        stats.batches += 1
-        stats.tiles += len(batch)
-        stats.padded_tiles += pad
-        for (b, r, q), lg in zip(batch, logits):
-            region = b.acc[:, r : r + t, q : q + t]
-            region[:k].addcmul_(lg, window)
-            region[k].add_(window)
-            b.pending -= 1
-
-    def finish(b: _Block, pool: ThreadPoolExecutor) -> None:
-        i, j = b.ij
-        acc = b.acc
-        for key in ((i - 1, j, 0), (i, j - 1, 1), (i - 1, j - 1, 2)):
-            s = strips.pop(key, None)
-            if s is not None:
-                acc[:, : s.shape[1], : s.shape[2]] += s
-        h, w = layout.grid.shape
-        br, bc = layout.block_slices(i, j)
-        bh, bw = br.stop - br.start, bc.stop - bc.start
-        eh, ew = min(acc.shape[1], h - b.rows.start), min(acc.shape[2], w - b.cols.start)
-        if eh > bh:
-            strips[i, j, 0] = acc[:, bh:eh, :bw].clone()
-        if ew > bw:
-            strips[i, j, 1] = acc[:, :bh, bw:ew].clone()
-        if eh > bh and ew > bw:
-            strips[i, j, 2] = acc[:, bh:eh, bw:ew].clone()
-        classes, conf = resolve_tensor(acc[:, :bh, :bw], b.valid[:bh, :bw], confidence=opts.confidence)
-        hist = torch.bincount(classes.flatten().to(torch.int64), minlength=256)
-        host = [_to_host(a, cuda) for a in (classes, conf, hist) if a is not None]
-        stats.d2h_bytes += sum(a.numel() * a.element_size() for a in host)
-        event = torch.cuda.Event() if cuda else None
-        if event is not None:
-            event.record()
-        skipped = b.skipped
-        ntiles = len(b.tiles)
-
-        def write() -> None:
-            if event is not None:
-                event.synchronize()
-            cls = host[0].numpy()
-            cf = host[1].numpy() if opts.confidence else None
-            hh = host[-1].numpy()
-            hist_k = np.concatenate([hh[:k], hh[NODATA : NODATA + 1]]).astype(np.int64)
-            sink((i, j), BlockOut(cls, cf, hist_k, ntiles, skipped))
-
-        while len(written) >= 2 * writers:  # bound the blocks waiting for the writer
-            written.popleft().result()
-        written.append(pool.submit(write))
-
+    run = _DeviceRun(source, backend, layout, opts, sink, writers)
     with ThreadPoolExecutor(readers, thread_name_prefix="geoseg-read") as rpool, \
             ThreadPoolExecutor(writers, thread_name_prefix="geoseg-write") as wpool, torch.inference_mode():
         try:
-            while nxt < len(order) and len(reads) < prefetch:
-                reads.append((order[nxt], rpool.submit(_read, source, layout, order[nxt], cuda)))
-                nxt += 1
-            while reads or queue or active:
-                while reads and len(queue) < bs:
-                    load(rpool)
-                if queue:
-                    run_batch()
-                while active and active[0].pending == 0:
-                    finish(active.popleft(), wpool)
-            for f in written:
-                f.result()
+            run.loop(rpool, wpool, prefetch)
         except BaseException:
-            for _, f in reads:
-                f.cancel()
-            for f in written:
-                f.cancel()
+            run.cancel()
             raise
-    return stats
+    return run.stats
+
+
+class _DeviceRun:
+    """The state of one device run: blocks in flight, the tile queue, strips, pending reads and writes."""
+
+    def __init__(self, source: Source, backend: Any, layout: Layout, opts: RunOptions,
+                 sink: Callable[[tuple[int, int], BlockOut], Any], writers: int):
+        import torch
+
+        self.source, self.backend, self.layout, self.opts, self.sink = source, backend, layout, opts, sink
+        self.dev = torch.device(backend.device)
+        self.cuda = self.dev.type == "cuda"
+        card = backend.card
+        self.k = card.num_classes
+        self.batch = max(1, opts.batch_size)
+        self.max_written = 2 * writers
+        self.stats = Transfers()
+        self.window = torch.from_numpy(opts.window()).to(self.dev)
+        c = card.in_channels
+        std = torch.tensor(card.std if card.std is not None else [1.0] * c, dtype=torch.float64)
+        mean = torch.tensor(card.mean if card.mean is not None else [0.0] * c, dtype=torch.float64)
+        # the same float32 factors as ModelCard.normalize, so the input is bit-identical
+        self.scale = (card.input_scale / std).to(torch.float32).view(-1, 1, 1).to(self.dev)
+        self.offset = (mean / std).to(torch.float32).view(-1, 1, 1).to(self.dev)
+        self.order = list(layout.iter_blocks())
+        self.next = 0
+        self.strips: dict[tuple[int, int, int], Any] = {}
+        self.active: deque[_Block] = deque()
+        self.queue: deque[tuple[_Block, int, int]] = deque()
+        self.reads: deque[Future[Any]] = deque()
+        self.written: deque[Future[Any]] = deque()
+
+    def loop(self, rpool: ThreadPoolExecutor, wpool: ThreadPoolExecutor, prefetch: int) -> None:
+        def fill() -> None:
+            while self.next < len(self.order) and len(self.reads) < prefetch:
+                ij = self.order[self.next]
+                self.reads.append(rpool.submit(_read, self.source, self.layout, ij, self.cuda))
+                self.next += 1
+
+        while True:
+            fill()
+            if not (self.reads or self.queue or self.active):
+                break
+            while self.reads and len(self.queue) < self.batch:  # batches fill across blocks
+                self.load(self.order[self.next - len(self.reads)], self.reads.popleft().result())
+                fill()
+            if self.queue:
+                self.run_batch()
+            while self.active and self.active[0].pending == 0:
+                self.finish(self.active.popleft(), wpool)
+        for f in self.written:
+            f.result()
+
+    def cancel(self) -> None:
+        for f in (*self.reads, *self.written):
+            f.cancel()
+
+    def load(self, ij: tuple[int, int], read: tuple[Any, Any, np.ndarray]) -> None:
+        """Move a read block to the device, normalise it and queue its tiles."""
+        import torch
+
+        data, valid, tile_mask = read
+        self.stats.h2d_bytes += data.numel() * data.element_size() + valid.numel()
+        x = data.to(self.dev, non_blocking=True).to(torch.float32)
+        v = valid.to(self.dev, non_blocking=True)
+        x.mul_(self.scale).sub_(self.offset)
+        x.masked_fill_(~v, 0.0)
+        rows, cols = self.layout.block_extent(*ij)
+        t = self.layout.tile
+        origins = [(r - rows.start, q - cols.start) for r, q in self.layout.block_tiles(*ij)]
+        todo = [(r, q) for r, q in origins if tile_mask[r : r + t, q : q + t].any()]
+        acc = torch.zeros((self.k + 1, *x.shape[1:]), dtype=torch.float32, device=self.dev)
+        blk = _Block(ij, rows, cols, x, v, acc, todo, len(origins) - len(todo), len(todo))
+        self.active.append(blk)
+        self.queue.extend((blk, r, q) for r, q in todo)
+
+    def run_batch(self) -> None:
+        """One forward pass over the next ``batch`` queued tiles, whichever blocks they belong to."""
+        import torch
+
+        t, k = self.layout.tile, self.k
+        batch = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
+        xb = torch.stack([b.x[:, r : r + t, q : q + t] for b, r, q in batch])
+        pad = self.batch - len(batch) if self.cuda else 0  # one shape: cuDNN's plan is reused
+        if pad:
+            xb = torch.cat([xb, xb.new_zeros((pad, *xb.shape[1:]))])
+        logits = self.backend.forward_tensor(xb)
+        self.stats.batches += 1
+        self.stats.tiles += len(batch)
+        self.stats.padded_tiles += pad
+        for (b, r, q), lg in zip(batch, logits):
+            region = b.acc[:, r : r + t, q : q + t]
+            region[:k].addcmul_(lg, self.window)
+            region[k].add_(self.window)
+            b.pending -= 1
+
+    def finish(self, b: _Block, pool: ThreadPoolExecutor) -> None:
+        """Add the neighbours' strips, keep this block's own, resolve it and queue the host copy for the sink."""
+        import torch
+
+        i, j = b.ij
+        acc = b.acc
+        for key in ((i - 1, j, 0), (i, j - 1, 1), (i - 1, j - 1, 2)):
+            s = self.strips.pop(key, None)
+            if s is not None:
+                acc[:, : s.shape[1], : s.shape[2]] += s
+        h, w = self.layout.grid.shape
+        br, bc = self.layout.block_slices(i, j)
+        bh, bw = br.stop - br.start, bc.stop - bc.start
+        eh, ew = min(acc.shape[1], h - b.rows.start), min(acc.shape[2], w - b.cols.start)
+        if eh > bh:
+            self.strips[i, j, 0] = acc[:, bh:eh, :bw].clone()
+        if ew > bw:
+            self.strips[i, j, 1] = acc[:, :bh, bw:ew].clone()
+        if eh > bh and ew > bw:
+            self.strips[i, j, 2] = acc[:, bh:eh, bw:ew].clone()
+        classes, conf = resolve_tensor(acc[:, :bh, :bw], b.valid[:bh, :bw], confidence=self.opts.confidence)
+        hist = torch.bincount(classes.flatten().to(torch.int64), minlength=256)
+        host = [_to_host(a, self.cuda) for a in (classes, conf, hist) if a is not None]
+        self.stats.d2h_bytes += sum(a.numel() * a.element_size() for a in host)
+        event = torch.cuda.Event() if self.cuda else None
+        if event is not None:
+            event.record()
+        out = (b.ij, host, len(b.tiles), b.skipped, event)
+        while len(self.written) >= self.max_written:  # bound the blocks waiting for the writer
+            self.written.popleft().result()
+        self.written.append(pool.submit(self.write, *out))
+
+    def write(self, ij: tuple[int, int], host: list[Any], run: int, skipped: int, event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+        k = self.k
+        hh = host[-1].numpy()
+        hist = np.concatenate([hh[:k], hh[NODATA : NODATA + 1]]).astype(np.int64)
+        conf = host[1].numpy() if self.opts.confidence else None
+        self.sink(ij, BlockOut(host[0].numpy(), conf, hist, run, skipped))
 
 
 def _to_host(a: Any, cuda: bool) -> Any:

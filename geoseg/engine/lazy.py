@@ -28,14 +28,17 @@ from .blocks import BlockOut, as_runnable, compute_block
 from .options import RunOptions, Tiling, resolve
 
 
-def _lazy_block(parts: Any, ridx: np.ndarray, cidx: np.ndarray, nodata: float | None, model_ref: Any,
-                layout: Layout, opts: RunOptions, i: int, j: int, top: Any, left: Any,
+def _lazy_block(parts: Any, mask_parts: Any, ridx: np.ndarray, cidx: np.ndarray, nodata: float | None,
+                model_ref: Any, layout: Layout, opts: RunOptions, i: int, j: int, top: Any, left: Any,
                 corner: Any) -> tuple[BlockOut, Any]:
     from dask.array.core import concatenate3
 
     win = concatenate3(parts) if isinstance(parts, list) else parts
     data = win[:, ridx][:, :, cidx]
     ok = valid_mask(data, nodata)
+    if mask_parts is not None:
+        m = concatenate3(mask_parts) if isinstance(mask_parts, list) else mask_parts
+        ok &= m[ridx][:, cidx].astype(bool)
     return compute_block(data, ok, model_ref, layout, opts, i, j,
                          top[1][0] if top is not None else None,
                          left[1][1] if left is not None else None,
@@ -98,6 +101,18 @@ def _as_dask(x: Any) -> tuple[Any, Any]:
     return data, None
 
 
+def _as_mask(mask: Any, shape: tuple[int, int]) -> Any:
+    import dask.array as da
+
+    if mask is None:
+        return None
+    m = getattr(mask, "data", mask)  # a DataArray's array
+    m = m if isinstance(m, da.Array) else da.from_array(np.asarray(m), chunks=2048)
+    if tuple(m.shape) != shape:
+        raise ConfigError(f"mask has shape {tuple(m.shape)}, the input's grid is {shape}")
+    return m
+
+
 def _nodata_of(xarr: Any, nodata: float | None) -> float | None:
     if nodata is not None or xarr is None:
         return nodata
@@ -118,9 +133,12 @@ def _has_rioxarray() -> bool:
     return True
 
 
-def segment_graph(data: Any, model_ref: Any, layout: Layout, opts: RunOptions, nodata: float | None,
+def segment_graph(data: Any, mask: Any, model_ref: Any, layout: Layout, opts: RunOptions, nodata: float | None,
                   token: str) -> tuple[Any, Any]:
-    """Dask arrays (classes, confidence or None) for raw ``data`` (C, H, W) over ``layout``."""
+    """Dask arrays (classes, confidence or None) for raw ``data`` (C, H, W) over ``layout``.
+
+    ``mask`` is None or a dask (H, W) array, True where pixels are valid.
+    """
     import dask.array as da
     from dask.highlevelgraph import HighLevelGraph
 
@@ -133,11 +151,13 @@ def segment_graph(data: Any, model_ref: Any, layout: Layout, opts: RunOptions, n
         ridx = reflect_index(np.arange(rows.start, rows.stop), h)
         cidx = reflect_index(np.arange(cols.start, cols.stop), w)
         r0, c0 = int(ridx.min()), int(cidx.min())
-        win = data[:, r0 : int(ridx.max()) + 1, c0 : int(cidx.max()) + 1]
-        deps.append(win)
+        r1, c1 = int(ridx.max()) + 1, int(cidx.max()) + 1
+        win = data[:, r0:r1, c0:c1]
+        mwin = mask[r0:r1, c0:c1] if mask is not None else None
+        deps += [win] if mwin is None else [win, mwin]
         nb = [(bname, a, b) if a >= 0 and b >= 0 else None for a, b in ((i - 1, j), (i, j - 1), (i - 1, j - 1))]
-        dsk[(bname, i, j)] = (_lazy_block, win.__dask_keys__(), ridx - r0, cidx - c0, nodata, model_ref,
-                              layout, opts, i, j, *nb)
+        dsk[(bname, i, j)] = (_lazy_block, win.__dask_keys__(), None if mwin is None else mwin.__dask_keys__(),
+                              ridx - r0, cidx - c0, nodata, model_ref, layout, opts, i, j, *nb)
         dsk[(cname, i, j)] = (_classes, (bname, i, j))
         if opts.confidence:
             dsk[(fname, i, j)] = (_confidence, (bname, i, j))
@@ -150,14 +170,17 @@ def segment_graph(data: Any, model_ref: Any, layout: Layout, opts: RunOptions, n
 
 def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | None = None,
             blend: Any = "hann", margin: int | None = None, batch_size: int | None = None,
-            bands: list[int] | None = None, confidence: bool = False, nodata: float | None = None) -> Any:
+            bands: list[int] | None = None, confidence: bool = False, nodata: float | None = None,
+            mask: Any = None) -> Any:
     """Lazily segment a (band, y, x) raster of raw values with ``model``.
 
     ``x`` is an ``xarray.DataArray`` (dask-backed or not), a dask array or a
     numpy array; ``bands`` are 1-based indexes into its first axis (default:
     all). ``nodata`` defaults to the DataArray's ``_FillValue`` / rioxarray
-    nodata; NaN is always treated as nodata. Tiling options are those of
-    :func:`geoseg.predict`.
+    nodata; NaN is always treated as nodata. ``mask`` is an optional (y, x)
+    array (numpy, dask or DataArray), True or non-zero where pixels are
+    valid — an alpha band, say: ``mask=da.sel(band=4) > 0``. Tiling options
+    are those of :func:`geoseg.predict`.
 
     Returns, for a DataArray, a lazy ``DataArray`` of uint8 classes (dims
     ``y``, ``x``, the input's coordinates, CRS and transform; nodata 255;
@@ -186,7 +209,10 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
     nd = _nodata_of(xarr, nodata)
     token = dask.base.tokenize(data.name, id(net), layout.tile, layout.overlap, layout.tiles_per_block,
                                repr(opts), nd)
-    classes, conf = segment_graph(data, model if not hasattr(model, "backend") else net, layout, opts, nd, token)
+    m = _as_mask(mask, tuple(data.shape[1:]))
+    if m is not None:
+        token = dask.base.tokenize(token, m.name)
+    classes, conf = segment_graph(data, m, model if not hasattr(model, "backend") else net, layout, opts, nd, token)
     if xarr is None:
         return (classes, conf) if confidence else classes
     return _wrap(xarr, classes, conf, card)

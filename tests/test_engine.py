@@ -1,0 +1,247 @@
+"""The lazy dask/xarray core and the device-resident engine give predict's classes."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import rasterio
+
+import geoseg
+from geoseg.engine.blocks import predict_array
+from geoseg.engine.device import run_on_device
+from geoseg.engine.options import Tiling, resolve
+from geoseg.geometry.grid import Grid
+from geoseg.io.raster import RasterSource
+
+from .conftest import REPO, smooth_image, write_raster
+
+
+class CountingBackend:
+    """Wraps a backend and counts the tiles that go through it."""
+
+    def __init__(self, backend):
+        self.inner = backend
+        self.card = backend.card
+        self.device = backend.device
+        self.tiles = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, x):
+        with self._lock:
+            self.tiles += len(x)
+        return self.inner(x)
+
+    def forward_tensor(self, x):
+        with self._lock:
+            self.tiles += len(x)
+        return self.inner.forward_tensor(x)
+
+
+def _image_with_nodata(shape=(3, 333, 401), seed=4):
+    img = smooth_image(shape, seed=seed)
+    valid = np.ones(shape[1:], bool)
+    valid[:40, :90] = False  # a corner of nodata: some tiles skipped, some half valid
+    valid[200:230, 300:] = False
+    return img, valid
+
+
+def _reference(model, img, valid, tile, overlap, confidence=False):
+    card = model.card
+    _, opts = resolve(card, img.shape[1:], Tiling(tile, overlap), batch_size=3, confidence=confidence)
+    return predict_array(img, model, opts, valid=valid)
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 16])
+def test_device_engine_on_cpu_tensors_equals_predict_array(cnn_model, batch_size):
+    img, valid = _image_with_nodata()
+    ref = _reference(cnn_model.backend, img, valid, 64, 16, confidence=True)
+    from geoseg.engine.options import RunOptions
+    from geoseg.geometry.grid import Layout
+    from affine import Affine
+
+    layout = Layout.create(Grid(img.shape[1:], Affine.identity()), tile=64, overlap=16,
+                           pad_multiple=cnn_model.card.pad_multiple, block_target=96)
+    assert layout.blocks[0] * layout.blocks[1] > 4
+    opts = RunOptions(layout.tile, layout.overlap, "hann", batch_size, True)
+    out = np.full(img.shape[1:], 254, np.uint8)
+    conf = np.zeros(img.shape[1:], np.float32)
+    seen, run = [], [0]
+    src = _ArraySourceWithMask(img, valid)
+    counting = CountingBackend(cnn_model.backend)
+
+    def sink(ij, blk):
+        rows, cols = layout.block_slices(*ij)
+        out[rows, cols] = blk.classes
+        conf[rows, cols] = blk.confidence
+        seen.append(ij)
+        run[0] += blk.tiles_run
+
+    stats = run_on_device(src, counting, layout, opts, sink, readers=2, prefetch=3)
+    assert sorted(seen) == sorted(layout.iter_blocks())  # every block once
+    np.testing.assert_array_equal(out, ref.classes)
+    np.testing.assert_allclose(conf, ref.confidence, atol=1e-5)
+    assert run[0] == ref.tiles_run == counting.tiles == stats.tiles
+    # batches span blocks: every forward pass but the last is full
+    assert stats.batches == -(-stats.tiles // batch_size)
+    # bytes: raw uint8 input + bool mask in; uint8 classes + float32 confidence + 256 int64 counts out
+    h2d = sum(3 * _extent(layout, ij) + _extent(layout, ij) for ij in layout.iter_blocks())
+    d2h = sum(5 * _size(layout, ij) + 256 * 8 for ij in layout.iter_blocks())
+    assert (stats.h2d_bytes, stats.d2h_bytes) == (h2d, d2h)
+
+
+def _extent(layout, ij):
+    r, c = layout.block_extent(*ij)
+    return (r.stop - r.start) * (c.stop - c.start)
+
+
+def _size(layout, ij):
+    r, c = layout.block_slices(*ij)
+    return (r.stop - r.start) * (c.stop - c.start)
+
+
+class _ArraySourceWithMask:
+    def __init__(self, img, valid):
+        from geoseg.io.raster import ArraySource
+
+        self.src = ArraySource(img, valid)
+
+    def read(self, rows, cols):
+        return self.src.read(rows, cols)
+
+
+def test_predict_device_engine_equals_blocks_engine_and_records_transfers(tmp_path, yolo_checkpoint):
+    path = write_raster(tmp_path / "s.tif", smooth_image((3, 700, 650), seed=8))
+    a = geoseg.predict(path, tmp_path / "a", model=yolo_checkpoint, device="cpu", engine="blocks",
+                       polygons=False, tile_size=128, batch_size=3)
+    b = geoseg.predict(path, tmp_path / "b", model=yolo_checkpoint, device="cpu", engine="device",
+                       polygons=False, tile_size=128, batch_size=3)
+    with rasterio.open(a.output / "classes.tif") as x, rasterio.open(b.output / "classes.tif") as y:
+        np.testing.assert_array_equal(x.read(1), y.read(1))
+    run = json.loads((b.output / "run.json").read_text())
+    assert run["options"]["engine"] == "device"
+    t = run["transfers"]
+    assert t["tiles"] == run["counts"]["tiles_run"] == a.tiles_run
+    assert t["d2h_bytes"] == 700 * 650 + run["counts"]["blocks"] * 256 * 8
+    assert "transfers" not in json.loads((a.output / "run.json").read_text())
+
+
+def test_device_engine_refuses_onnx_models(tmp_path, rgb_raster):
+    from geoseg.errors import ConfigError
+    from geoseg.models.card import ModelCard
+
+    pytest.importorskip("onnx")
+    from geoseg.train.export import export_model
+
+    from .conftest import small_cnn
+
+    card = ModelCard(name="cnn", classes=("a", "b", "c", "d"), in_channels=3, tile_size=64, pad_multiple=2)
+    onnx_path = export_model(geoseg.load_model(small_cnn(), card=card, device="cpu"), tmp_path / "m.onnx")
+    with pytest.raises(ConfigError, match="--engine device needs a torch model"):
+        geoseg.predict(rgb_raster, tmp_path / "o", model=onnx_path, engine="device", device="cpu")
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- segment
+
+
+def test_segment_is_lazy_and_runs_each_tile_once(cnn_model):
+    img, valid = _image_with_nodata((3, 300, 280), seed=5)
+    img = img.astype(np.float32)
+    img[:, ~valid] = np.nan  # NaN is nodata, declared or not
+    counting = CountingBackend(cnn_model.backend)
+    classes, conf = geoseg.segment(da.from_array(img, chunks=(3, 100, 90)), counting, tile_size=64, overlap=16,
+                                   confidence=True)
+    assert counting.tiles == 0  # nothing ran yet
+    assert classes.dtype == np.uint8 and classes.shape == (300, 280)
+    c, f = dask.compute(classes, conf, scheduler="threads")
+    ref = _reference(cnn_model.backend, np.nan_to_num(img), valid, 64, 16, confidence=True)
+    assert counting.tiles == ref.tiles_run  # every tile once, for both outputs
+    np.testing.assert_array_equal(c, ref.classes)
+    np.testing.assert_allclose(f, ref.confidence, atol=1e-5)
+    assert (c[~valid] == 255).all()
+
+
+def test_segment_dask_equals_numpy_and_sync(cnn_model):
+    img = smooth_image((3, 257, 311), seed=6)
+    lazy = geoseg.segment(img, cnn_model, tile_size=64, overlap=16)
+    a = lazy.compute(scheduler="sync")
+    b = lazy.compute(scheduler="threads")
+    ref = _reference(cnn_model.backend, img, None, 64, 16)
+    np.testing.assert_array_equal(a, ref.classes)
+    np.testing.assert_array_equal(b, ref.classes)
+
+
+def test_segment_dataarray_keeps_grid_and_stores_with_rioxarray(tmp_path, cnn_model):
+    rioxarray = pytest.importorskip("rioxarray")
+    path = write_raster(tmp_path / "s.tif", smooth_image((3, 290, 300), seed=7), nodata=0)
+    x = rioxarray.open_rasterio(path, chunks={"band": -1, "x": 128, "y": 128})
+    out = geoseg.segment(x, cnn_model, tile_size=64, overlap=16)
+    assert out.dims == ("y", "x") and out.attrs["class_names"] == list(cnn_model.card.classes)
+    assert out.rio.crs == x.rio.crs and out.rio.transform() == x.rio.transform()
+    assert out.rio.nodata == 255
+    out.rio.to_raster(tmp_path / "lazy.tif", tiled=True, lock=threading.Lock())
+    res = geoseg.predict(path, tmp_path / "p", model=cnn_model, tile_size=64, overlap=16, polygons=False)
+    with rasterio.open(tmp_path / "lazy.tif") as a, rasterio.open(res.output / "classes.tif") as b:
+        np.testing.assert_array_equal(a.read(1), b.read(1))
+        assert a.transform == b.transform and a.crs == b.crs
+
+
+def test_infer_takes_and_returns_dataarrays(tmp_path, cnn_model):
+    rioxarray = pytest.importorskip("rioxarray")
+    path = write_raster(tmp_path / "s.tif", smooth_image((3, 120, 130), seed=9))
+    x = rioxarray.open_rasterio(path)
+    classes, conf = cnn_model.infer(x)
+    ref_c, ref_f = cnn_model.infer(x.values)
+    np.testing.assert_array_equal(classes.values, ref_c)
+    assert classes.rio.crs == x.rio.crs and (classes.x.values == x.x.values).all()
+    assert conf.shape == classes.shape
+
+
+def test_infer_hints_at_channel_order_and_value_range(cnn_model):
+    from geoseg.errors import BandCountError
+
+    img = smooth_image((3, 40, 50))
+    with pytest.raises(BandCountError, match=r"looks like \(H, W, C\)"):
+        cnn_model.infer(img.transpose(1, 2, 0))
+
+
+def _real_scene(rel):
+    from .conftest import shared
+
+    return shared(rel)
+
+
+@pytest.mark.slow
+def test_segment_on_real_rasters_equals_predict(tmp_path):
+    """rioxarray-opened real rasters: a nodata-valued one and an alpha-masked one."""
+    rioxarray = pytest.importorskip("rioxarray")
+    model = geoseg.load_model("geoseg-landcover-n", device="cpu")
+    rgb = _real_scene("data/rasterio/RGB.byte.tif")  # nodata 0
+    x = rioxarray.open_rasterio(rgb, chunks=True)
+    lazy = geoseg.segment(x, model)
+    res = geoseg.predict(rgb, tmp_path / "p", model=model, polygons=False)
+    with rasterio.open(res.output / "classes.tif") as ds:
+        np.testing.assert_array_equal(lazy.values, ds.read(1))
+        assert lazy.rio.transform() == ds.transform and lazy.rio.crs == ds.crs
+    ortho = REPO / "data" / "scenes" / "field-ortho.tif"  # RGBA: alpha is the mask
+    y = rioxarray.open_rasterio(ortho, chunks=True)
+    lazy = geoseg.segment(y.sel(band=[1, 2, 3]), model, mask=y.sel(band=4) > 0)
+    res = geoseg.predict(ortho, tmp_path / "q", model=model, polygons=False)
+    with rasterio.open(res.output / "classes.tif") as ds:
+        np.testing.assert_array_equal(lazy.values, ds.read(1))
+
+
+def test_raster_source_and_dask_source_agree_on_nodata(tmp_path):
+    from geoseg.engine.lazy import valid_mask
+
+    data = smooth_image((3, 50, 60), seed=1)
+    data[:, :10, :10] = 0
+    data[0, 20:30, 20:30] = 0  # one band at nodata only: still valid (GDAL's dataset mask)
+    path = write_raster(tmp_path / "n.tif", data, nodata=0)
+    _, ok = RasterSource(str(path), (1, 2, 3)).read(slice(0, 50), slice(0, 60))
+    np.testing.assert_array_equal(ok, valid_mask(data, 0))
