@@ -90,11 +90,7 @@ def segment(x: Any, model: Any, **kwargs: Any) -> Any:
 
 
 def predict(src: Any, output: str | Path | None = None, *, model: Any, **kwargs: Any) -> PredictResult:
-    """Segment a raster file of any size into a folder of outputs; see :mod:`geoseg.workflow.predict`.
-
-    ``src`` may also be a DataArray: it is segmented lazily and written to
-    ``output`` the same way (georeferenced through rioxarray).
-    """
+    """Segment a raster file of any size into a folder of outputs; see :mod:`geoseg.workflow.predict`."""
     if isinstance(model, Model):
         model = model.backend
     return _predict(src, output, model=model, **kwargs)
