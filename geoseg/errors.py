@@ -43,3 +43,11 @@ class ConfigError(GeosegError, ValueError):
 
 class DeviceError(GeosegError, RuntimeError):
     """The requested compute device is not available."""
+
+
+class PartialRunError(GeosegError, FileExistsError):
+    """An earlier run into the same output was interrupted; resume it or start over."""
+
+    def __init__(self, message: str, *, done: int = 0, total: int = 0):
+        super().__init__(message)
+        self.done, self.total = done, total

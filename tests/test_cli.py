@@ -100,15 +100,29 @@ def test_bands_option_selects_bands(tmp_path, checkpoint_args):
     assert run["options"]["bands"] == [1, 2, 3]
 
 
-def test_interrupted_run_leaves_no_complete_looking_output(tmp_path, rgb_raster, yolo_checkpoint):
+def test_interrupted_run_publishes_nothing_and_resumes(tmp_path, yolo_checkpoint):
     import geoseg
+    from geoseg.errors import PartialRunError
+
+    src = write_raster(tmp_path / "big.tif", smooth_image((3, 1300, 1100), seed=3))
+    calls = []
 
     def boom(done, total):
-        raise KeyboardInterrupt
+        calls.append(done)
+        if done == 2:
+            raise KeyboardInterrupt
 
+    opts = dict(model=yolo_checkpoint, device="cpu", confidence=True, tile_size=64)
     with pytest.raises(KeyboardInterrupt):
-        geoseg.predict(rgb_raster, tmp_path / "x", model=yolo_checkpoint, device="cpu", progress=boom,
-                       confidence=True)
-    # nothing was published, and the staging folder is gone
-    assert not (tmp_path / "x").exists()
-    assert not [p.name for p in tmp_path.iterdir() if "geoseg" in p.name]
+        geoseg.predict(src, tmp_path / "x", progress=boom, **opts)
+    assert not (tmp_path / "x").exists()  # nothing published
+    hidden = [p.name for p in tmp_path.iterdir() if "geoseg" in p.name]
+    assert hidden == [".x.geoseg-partial"]  # the finished blocks, under a name that never looks finished
+    with pytest.raises(PartialRunError, match="2 of 4 blocks"):
+        geoseg.predict(src, tmp_path / "x", **opts)
+    resumed = geoseg.predict(src, tmp_path / "x", resume=True, **opts)
+    full = geoseg.predict(src, tmp_path / "y", **opts)
+    for name in ("classes.tif", "confidence.tif", "stats.csv"):
+        assert (resumed.output / name).read_bytes() == (full.output / name).read_bytes(), name
+    assert resumed.tiles_run == full.tiles_run
+    assert not (tmp_path / ".x.geoseg-partial").exists()

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from ..errors import PartialRunError
+from ..io.staging import Staging
+from ..workflow.predict import default_output
 from .main import one_line_errors
+
+
+def _command(flag: str) -> str:
+    """This command line again, with ``flag`` instead of --resume/--restart."""
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--restart")]
+    return shlex.join(["geoseg", *args, flag])
 
 
 def _bands(value: str | None) -> list[int] | None:
@@ -54,6 +65,8 @@ def _bands(value: str | None) -> list[int] | None:
 @click.option("--zone-field", help="Zone name attribute.")
 @click.option("--quicklook", is_flag=True, help="Also write quicklook.png: the classes over the image.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--resume/--restart", default=None,
+              help="Continue an interrupted run into the same output from its finished blocks, or start over.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
 def predict(src: Path, output: Path | None, model: str | None, card: Path | None, bands: str | None,
@@ -66,8 +79,19 @@ def predict(src: Path, output: Path | None, model: str | None, card: Path | None
         from ..models.loading import default_model
 
         model = default_model()
-    with progress_bar(quiet, "Predicting") as update:
-        result = run(src, output, model=model, card=card, bands=_bands(bands), polygons=not no_polygons,
-                     progress=update, **options)
+    try:
+        with progress_bar(quiet, "Predicting") as update:
+            result = run(src, output, model=model, card=card, bands=_bands(bands), polygons=not no_polygons,
+                         progress=update, **options)
+    except PartialRunError as e:
+        raise PartialRunError(f"{str(e).split(';')[0]}; continue it with: {_command('--resume')}  "
+                              "(or start over with --restart)") from None
+    except KeyboardInterrupt:
+        out = output or default_output(src)
+        if Staging(Path(out)).exists():
+            click.echo(f"Interrupted; the finished blocks are kept. Continue with: {_command('--resume')}",
+                       err=True)
+            sys.exit(130)
+        raise
     if not quiet:
         predict_summary(result)

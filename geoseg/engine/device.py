@@ -35,6 +35,7 @@ from ..geometry.grid import Layout
 from ..geometry.units import NODATA
 from .blocks import BlockOut, Source
 from .options import RunOptions
+from .schedule import frontier
 
 
 @dataclass
@@ -82,19 +83,21 @@ def _read(source: Source, layout: Layout, ij: tuple[int, int], pin: bool) -> tup
 
 def run_on_device(source: Source, backend: Any, layout: Layout, opts: RunOptions,
                   sink: Callable[[tuple[int, int], BlockOut], Any], *, readers: int = 4, prefetch: int = 6,
-                  writers: int = 2) -> Transfers:
+                  writers: int = 2, done: frozenset[tuple[int, int]] = frozenset()) -> Transfers:
     """Compute every block of ``layout`` on ``backend``'s device and hand each to ``sink`` once.
 
     ``backend`` needs ``card``, ``device`` and ``forward_tensor(x) -> logits``
     (a (B, C, T, T) float32 device tensor in, (B, K, T, T) float32 out, see
     :class:`geoseg.models.backends.TorchBackend`). ``sink(ij, block)`` runs
     on writer threads, at most ``writers`` at once, with numpy blocks;
-    ``readers`` threads read up to ``prefetch`` blocks ahead. Returns the
-    transfer counters.
+    ``readers`` threads read up to ``prefetch`` blocks ahead. ``done``
+    blocks (a resumed run) are skipped, except those whose strips a
+    remaining block needs (see :func:`geoseg.engine.schedule.frontier`),
+    which run without reaching the sink. Returns the transfer counters.
     """
     import torch
 
-    run = _DeviceRun(source, backend, layout, opts, sink, writers)
+    run = _DeviceRun(source, backend, layout, opts, sink, writers, done)
     with ThreadPoolExecutor(readers, thread_name_prefix="geoseg-read") as rpool, \
             ThreadPoolExecutor(writers, thread_name_prefix="geoseg-write") as wpool, torch.inference_mode():
         try:
@@ -109,7 +112,8 @@ class _DeviceRun:
     """The state of one device run: blocks in flight, the tile queue, strips, pending reads and writes."""
 
     def __init__(self, source: Source, backend: Any, layout: Layout, opts: RunOptions,
-                 sink: Callable[[tuple[int, int], BlockOut], Any], writers: int):
+                 sink: Callable[[tuple[int, int], BlockOut], Any], writers: int,
+                 done: frozenset[tuple[int, int]] = frozenset()):
         import torch
 
         self.source, self.backend, self.layout, self.opts, self.sink = source, backend, layout, opts, sink
@@ -127,7 +131,9 @@ class _DeviceRun:
         # the same float32 factors as ModelCard.normalize, so the input is bit-identical
         self.scale = (card.input_scale / std).to(torch.float32).view(-1, 1, 1).to(self.dev)
         self.offset = (mean / std).to(torch.float32).view(-1, 1, 1).to(self.dev)
-        self.order = list(layout.iter_blocks())
+        again = frontier(layout, done) if done else set()
+        self.done = done
+        self.order = [ij for ij in layout.iter_blocks() if ij not in done or ij in again]
         self.next = 0
         self.strips: dict[tuple[int, int, int], Any] = {}
         self.active: deque[_Block] = deque()
@@ -219,6 +225,8 @@ class _DeviceRun:
             self.strips[i, j, 1] = acc[:, :bh, bw:ew].clone()
         if eh > bh and ew > bw:
             self.strips[i, j, 2] = acc[:, bh:eh, bw:ew].clone()
+        if b.ij in self.done:  # run again for its strips only
+            return
         classes, conf = resolve_tensor(acc[:, :bh, :bw], b.valid[:bh, :bw], confidence=self.opts.confidence)
         hist = torch.bincount(classes.flatten().to(torch.int64), minlength=256)
         host = [_to_host(a, self.cuda) for a in (classes, conf, hist) if a is not None]

@@ -54,9 +54,25 @@ def _block_in_process(store: StripStore, source: Source, model_ref: Any, layout:
     store.put(i, j, strips)
 
 
+def frontier(layout: Layout, done: frozenset[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Done blocks whose strips a block still to run needs: they run again, for their strips only.
+
+    A block's outgoing strips come from its own tiles alone (the strips it
+    receives land on its top-left edges, never on its overhang), so running
+    it again gives the same strips, bit for bit.
+    """
+    nbi, nbj = layout.blocks
+    out = set()
+    for i, j in done:
+        for a, b in ((i + 1, j), (i, j + 1), (i + 1, j + 1)):
+            if a < nbi and b < nbj and (a, b) not in done:
+                out.add((i, j))
+    return out
+
+
 def stream_blocks(source: Source, model_ref: Any, layout: Layout, opts: RunOptions, sink: Sink, *,
                   scheduler: Any = "threads", num_workers: int | None = None,
-                  band_tasks: int = 32) -> None:
+                  band_tasks: int = 32, done: frozenset[tuple[int, int]] = frozenset()) -> None:
     """Compute every block through dask and hand each to ``sink(ij, block)`` once.
 
     Block (i, j) is one task that follows blocks (i - 1, j), (i, j - 1) and
@@ -70,9 +86,19 @@ def stream_blocks(source: Source, model_ref: Any, layout: Layout, opts: RunOptio
     this process, which runs the sink; the graph goes out in bands of block
     rows (at least ``band_tasks`` blocks each) with only the last row's strips
     carried over, so memory does not depend on how the cluster orders it.
+
+    ``done`` are blocks a resumed run already has: they are not handed to
+    the sink, and only those whose strips a remaining block needs run
+    again (locally; on a cluster every block runs).
     """
     import dask
 
+    if done:
+        inner, again = sink, frontier(layout, done)
+
+        def sink(ij: tuple[int, int], blk: Any) -> None:
+            if ij not in done:
+                inner(ij, blk)
     if isinstance(scheduler, str):
         # A plain task graph: nothing to tokenize, so the first block starts at once.
         from dask.local import get_sync
@@ -80,9 +106,13 @@ def stream_blocks(source: Source, model_ref: Any, layout: Layout, opts: RunOptio
 
         store = StripStore()
         dsk: dict[str, tuple[Any, ...]] = {}
-        for i, j in layout.iter_blocks():
-            after = [f"geoseg-block-{a}-{b}" for a, b in ((i - 1, j), (i, j - 1), (i - 1, j - 1))
-                     if a >= 0 and b >= 0]
+        run = [ij for ij in layout.iter_blocks() if ij not in done or ij in again] if done else \
+            list(layout.iter_blocks())
+        runset = set(run)
+        for i, j in run:
+            # a block run again for its strips waits for nothing: the strips it receives are not used
+            prev = () if (i, j) in done else ((i - 1, j), (i, j - 1), (i - 1, j - 1))
+            after = [f"geoseg-block-{a}-{b}" for a, b in prev if (a, b) in runset]
             dsk[f"geoseg-block-{i}-{j}"] = (_block_in_process, store, source, model_ref, layout, opts, i, j,
                                             sink, *after)
         if scheduler == "sync":

@@ -35,7 +35,14 @@ class Staging:
     def __init__(self, out: Path):
         self.out = out
         self.dir = out.parent / f".{out.name}.geoseg-partial"
-        if self.dir.exists():  # a killed earlier run: nothing in it was ever published
+        self.journal = Journal(self.dir)
+
+    def exists(self) -> bool:
+        return self.dir.is_dir()
+
+    def fresh(self) -> None:
+        """Start empty (a leftover of an earlier run is removed: nothing in it was ever published)."""
+        if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
 
@@ -54,4 +61,73 @@ class Staging:
         self.discard()
 
     def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Journal:
+    """Finished blocks of a run, kept durably in the staging folder so a killed run can resume.
+
+    Each block's classes (and confidence) go to ``blocks/<i>-<j>.npy`` under a
+    temporary name first, so a block file exists only once it is complete.
+    ``state.json`` holds the run's fingerprint (input, model and options):
+    a run resumes only with the same fingerprint.
+    """
+
+    def __init__(self, staging_dir: Path):
+        self.dir = staging_dir / "blocks"
+        self.state = staging_dir / "state.json"
+
+    def start(self, fingerprint: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.write_state({"fingerprint": fingerprint, "steps": []})
+
+    def read_state(self) -> dict | None:
+        import json
+
+        try:
+            return json.loads(self.state.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_state(self, state: dict) -> None:
+        import json
+
+        tmp = self.state.with_name(".state.json.part")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.state)
+
+    def step_done(self, name: str) -> None:
+        state = self.read_state() or {"steps": []}
+        state["steps"] = [*state.get("steps", []), name]
+        self.write_state(state)
+
+    def steps(self) -> list[str]:
+        return list((self.read_state() or {}).get("steps", []))
+
+    def save(self, ij: tuple[int, int], classes, confidence=None) -> None:  # type: ignore[no-untyped-def]
+        import numpy as np
+
+        for kind, arr in (("classes", classes), ("confidence", confidence)):
+            if arr is None:
+                continue
+            final = self.dir / f"{ij[0]}-{ij[1]}.{kind}.npy"
+            tmp = final.with_name(f".{final.name}.part")
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+            os.replace(tmp, final)
+
+    def done(self) -> frozenset[tuple[int, int]]:
+        """Blocks whose classes are saved."""
+        out = set()
+        for p in self.dir.glob("*.classes.npy"):
+            i, j = p.name.split(".")[0].split("-")
+            out.add((int(i), int(j)))
+        return frozenset(out)
+
+    def load(self, ij: tuple[int, int], kind: str = "classes"):  # type: ignore[no-untyped-def]
+        import numpy as np
+
+        return np.load(self.dir / f"{ij[0]}-{ij[1]}.{kind}.npy")
+
+    def drop_blocks(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from ..engine.options import Compute, Tiling
+from ..errors import ConfigError, PartialRunError
 from ..io.raster import bounded_gdal_cache
 from ..io.staging import Staging
 from ..io.styles import write_text_atomic
 from . import stages
-from .plan import ALL_OUTPUTS, Outputs, make_plan, split_options
+from .plan import ALL_OUTPUTS, Outputs, Plan, make_plan, split_options
 from .record import run_record
 
 
@@ -54,8 +55,8 @@ def default_output(src: str | Path) -> Path:
 @bounded_gdal_cache
 def predict(src: str | Path, output: str | Path | None = None, *, model: Any, card: str | Path | None = None,
             bands: Sequence[int] | None = None, tiling: Tiling | None = None, compute: Compute | None = None,
-            outputs: Outputs | None = None, progress: Callable[[int, int], None] | None = None,
-            **options: Any) -> PredictResult:
+            outputs: Outputs | None = None, resume: bool | None = None,
+            progress: Callable[[int, int], None] | None = None, **options: Any) -> PredictResult:
     """Segment a raster of any size into ``output`` (default ``<stem>_geoseg``).
 
     Writes ``classes.tif`` (COG, uint8, nodata 255, palette, class names,
@@ -75,6 +76,12 @@ def predict(src: str | Path, output: str | Path | None = None, *, model: Any, ca
     ``zones``, ``zone_field``, ``quicklook``, ``overwrite``) — or as flat
     keywords of the same names (``tile_size`` for ``tile``).
     ``progress(done, total)`` is called once per finished block.
+
+    A run that is interrupted after its first block keeps its finished
+    blocks (and finished steps) in a hidden folder beside ``output``. The
+    next run into the same output then needs ``resume=True`` (continue: the
+    result is byte-identical to an uninterrupted run) or ``resume=False``
+    (start over); with ``None`` it raises :class:`~geoseg.errors.PartialRunError`.
     """
     t0 = time.perf_counter()
     flat = split_options(options)
@@ -82,26 +89,76 @@ def predict(src: str | Path, output: str | Path | None = None, *, model: Any, ca
     out = Path(output) if output is not None else default_output(src)
     plan = make_plan(src, out, model=model, card=card, tiling=tiling, compute=compute, outputs=outputs,
                      bands=bands)
-    staging = Staging(out)
+    staging = _open_staging(plan, resume)
     try:
         t_setup = time.perf_counter()
-        counts = stages.inference(plan, staging.dir, progress)
+        counts = _inference_step(plan, staging, progress)
         t_infer = time.perf_counter()
-        vec, areas = stages.post(plan, staging.dir)
+        vec, areas = stages.post(plan, staging.dir, staging.journal)
         t_post = time.perf_counter()
         if outputs.quicklook:
             stages.quicklook(plan, staging.dir)
         t_end = time.perf_counter()
         timings = {"setup_s": t_setup - t0, "inference_s": t_infer - t_setup - counts.cog_s, "cog_s": counts.cog_s,
-                   "post_s": t_post - t_infer,
-                   "quicklook_s": t_end - t_post, "total_s": t_end - t0}
-        record = run_record(plan, counts, vec, timings)
-        write_text_atomic(staging.dir / "run.json", json.dumps(record, indent=2))
+                   "post_s": t_post - t_infer, "quicklook_s": t_end - t_post, "total_s": t_end - t0}
+        write_text_atomic(staging.dir / "run.json", json.dumps(run_record(plan, counts, vec, timings), indent=2))
         names = outputs.names()
         staging.publish(names, replace=ALL_OUTPUTS if outputs.overwrite else ())
     except BaseException:
-        staging.discard()
+        if not staging.journal.done() and not staging.journal.steps():
+            staging.discard()  # nothing worth resuming
         raise
     return PredictResult(out, {n: out / n for n in names if (out / n).exists()}, list(plan.net.card.classes),
                          counts.histogram, counts.tiles_run, counts.tiles_skipped, t_end - t0, timings, areas,
                          counts.transfers)
+
+
+def fingerprint(plan: Plan) -> dict[str, Any]:
+    """What the classes depend on: a partial run resumes only when all of it is unchanged."""
+    st = Path(plan.src).stat() if Path(plan.src).exists() else None
+    spec = getattr(plan.net, "spec", None)
+    o = plan.opts
+    return {"input": plan.src, "size": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None,
+            "model": getattr(spec, "model", plan.net.card.name), "card": plan.net.card.to_dict(),
+            "bands": plan.bands, "tile": o.tile, "overlap": o.overlap, "block": plan.layout.block,
+            "blend": o.blend if isinstance(o.blend, str) else repr(o.blend), "margin": o.resolved_margin,
+            "batch_size": o.batch_size, "engine": plan.engine, "device": plan.net.device,
+            "confidence": plan.outputs.confidence, "min_area": plan.outputs.min_area}
+
+
+def _open_staging(plan: Plan, resume: bool | None) -> Staging:
+    staging = Staging(plan.out)
+    fp = json.loads(json.dumps(fingerprint(plan)))  # as it reads back from state.json
+    if staging.exists() and resume is None:
+        total = plan.layout.blocks[0] * plan.layout.blocks[1]
+        n = len(staging.journal.done())
+        raise PartialRunError(
+            f"{plan.out} has an interrupted run ({n} of {total} blocks done); continue it with --resume, "
+            "or start over with --restart", done=n, total=total)
+    if staging.exists() and resume:
+        state = staging.journal.read_state()
+        if state is None or state.get("fingerprint") != fp:
+            changed = sorted(k for k in fp if (state or {}).get("fingerprint", {}).get(k) != fp[k])
+            raise ConfigError(f"the interrupted run in {plan.out} used another input, model or options "
+                              f"({', '.join(changed[:4])}); use the same ones, or start over with --restart")
+        return staging
+    staging.fresh()
+    staging.journal.start(fp)
+    return staging
+
+
+def _inference_step(plan: Plan, staging: Staging, progress: Callable[[int, int], None] | None) -> Any:
+    journal = staging.journal
+    if "inference" in journal.steps():
+        saved = dict(journal.read_state()["counts"])
+        saved["histogram"] = np.asarray(saved["histogram"], np.int64)
+        return stages.Counts(**saved)
+    counts = stages.inference(plan, staging.dir, progress, journal)
+    state = journal.read_state() or {}
+    state["counts"] = {"histogram": counts.histogram.tolist(), "tiles_run": counts.tiles_run,
+                       "tiles_skipped": counts.tiles_skipped, "blocks": counts.blocks,
+                       "transfers": counts.transfers, "cog_s": counts.cog_s}
+    state["steps"] = [*state.get("steps", []), "inference"]
+    journal.write_state(state)
+    journal.drop_blocks()
+    return counts

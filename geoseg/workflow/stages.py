@@ -19,6 +19,7 @@ from ..engine.schedule import stream_blocks
 from ..errors import ConfigError
 from ..geometry.units import NODATA
 from ..io.raster import BlockWriter, class_tags
+from ..io.staging import Journal
 from ..io.styles import hex_color, paletted_raster_qml, write_text_atomic
 from ..models.backends import available_cores, torch_threads_kept
 from .plan import Plan
@@ -62,8 +63,13 @@ def _scheduler(scheduler: Any) -> tuple[Any, Any]:
     return scheduler, None  # a distributed.Client the caller owns
 
 
-def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | None) -> Counts:
-    """Run every block and write ``classes.tif`` (and ``confidence.tif``) as COGs into ``staging``."""
+def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | None,
+              journal: Journal | None = None) -> Counts:
+    """Run every block and write ``classes.tif`` (and ``confidence.tif``) as COGs into ``staging``.
+
+    With a ``journal``, each finished block is also saved there, and blocks
+    it already holds (a resumed run) are written from it instead of run.
+    """
     mc, layout = plan.net.card, plan.layout
     palette = mc.palette()
     writers = {"classes": BlockWriter(
@@ -77,11 +83,13 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
     counts = Counts(np.zeros(mc.num_classes + 1, np.int64))
     lock = threading.Lock()
 
-    def sink(ij: tuple[int, int], blk: BlockOut) -> None:
+    def sink(ij: tuple[int, int], blk: BlockOut, saved: bool = False) -> None:
         rows, cols = layout.block_slices(*ij)
         writers["classes"].write(rows, cols, blk.classes)
         if blk.confidence is not None:
             writers["confidence"].write(rows, cols, blk.confidence)
+        if journal is not None and not saved:
+            journal.save(ij, blk.classes, blk.confidence)
         with lock:
             counts.tiles_run += blk.tiles_run
             counts.tiles_skipped += blk.tiles_skipped
@@ -90,16 +98,20 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
             if progress:
                 progress(counts.blocks, total)
 
+    done = journal.done() if journal is not None else frozenset()
     sched, client = _scheduler(plan.compute.scheduler)
     try:
+        for ij in sorted(done):
+            sink(ij, _saved_block(journal, ij, plan), saved=True)
         with torch_threads_kept():
             if plan.engine == "device":
                 from ..engine.device import run_on_device
 
-                counts.transfers = run_on_device(plan.source, plan.net, layout, plan.opts, sink).as_dict()
+                counts.transfers = run_on_device(plan.source, plan.net, layout, plan.opts, sink,
+                                                 done=done).as_dict()
             else:
                 stream_blocks(plan.source, plan.model_ref, layout, plan.opts, sink, scheduler=sched,
-                              num_workers=block_threads(plan))
+                              num_workers=block_threads(plan), done=done)
         t = time.perf_counter()
         writers["classes"].finish(resampling="mode", category_names=list(mc.classes))
         if "confidence" in writers:
@@ -116,22 +128,49 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
     return counts
 
 
-def post(plan: Plan, staging: Path) -> tuple[dict[str, Any], Any]:
-    """Sieve, polygons and area statistics from the staged ``classes.tif``."""
+def _saved_block(journal: Any, ij: tuple[int, int], plan: Plan) -> BlockOut:
+    classes = journal.load(ij)
+    conf = journal.load(ij, "confidence") if plan.outputs.confidence else None
+    k = plan.net.card.num_classes
+    h = np.bincount(classes.ravel(), minlength=256)
+    hist = np.concatenate([h[:k], h[NODATA : NODATA + 1]]).astype(np.int64)
+    tiles = len(plan.layout.block_tiles(*ij))  # run before the interruption (nodata tiles counted as run)
+    return BlockOut(classes, conf, hist, tiles, 0)
+
+
+def post(plan: Plan, staging: Path, journal: Journal | None = None) -> tuple[dict[str, Any], Any]:
+    """Sieve, polygons and area statistics from the staged ``classes.tif``.
+
+    With a ``journal``, sieve and polygons are recorded as steps, and steps
+    an interrupted run finished are not done again.
+    """
     from ..post.landcover import area_stats, sieve, vectorize, write_stats
 
     o = plan.outputs
-    vec: dict[str, Any] = {}
+    state = (journal.read_state() or {}) if journal is not None else {}
+    vec: dict[str, Any] = dict(state.get("vectorize", {}))
+    steps = set(state.get("steps", []))
     classes = staging / "classes.tif"
-    if o.min_area:
+    if o.min_area and "sieve" not in steps:
         vec["sieve_pixels"] = sieve(classes, o.min_area)
-    if o.polygons:
+        _step(journal, "sieve", vec)
+    if o.polygons and "polygons" not in steps:
         vec.update(vectorize(classes, staging / "polygons", fmt=o.vector_format, simplify=o.simplify,
                              overwrite=True, num_workers=plan.compute.num_workers))
         vec["path"] = str(plan.out / Path(vec["path"]).name)
+        _step(journal, "polygons", vec)
     areas = area_stats(classes, zones=o.zones, zone_field=o.zone_field)
     write_stats(areas, staging, source=plan.given)
     return vec, areas
+
+
+def _step(journal: Journal | None, name: str, vec: dict[str, Any]) -> None:
+    if journal is None:
+        return
+    state = journal.read_state() or {}
+    state["vectorize"] = vec
+    state["steps"] = [*state.get("steps", []), name]
+    journal.write_state(state)
 
 
 def quicklook(plan: Plan, staging: Path) -> None:
