@@ -21,13 +21,14 @@ def _command(flag: str) -> str:
     return shlex.join(["geoseg", *args, flag])
 
 
-def _bands(value: str | None) -> list[int] | None:
+def _bands(value: str | None) -> list[int | str] | None:
+    """``3,2,1`` or ``red,green,blue`` (names are matched to the raster's band names)."""
     if not value:
         return None
-    try:
-        return [int(b) for b in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of band numbers") from None
+    parts = [b.strip() for b in value.split(",")]
+    if any(not b for b in parts):
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of band numbers or names")
+    return [int(b) if b.lstrip("-").isdigit() else b for b in parts]
 
 
 @click.command()
@@ -54,7 +55,14 @@ def _bands(value: str | None) -> list[int] | None:
 @click.option("--scheduler", help="dask.distributed scheduler address [default: local threads].")
 @click.option("--workers", "num_workers", type=int,
               help="Local block threads [default: CPU count + 1] and polygonizing processes [default: CPU count].")
-@click.option("--bands", "bands", help="1-based bands to read, e.g. 1,2,3 [default: all but alpha].")
+@click.option("--bands", "bands",
+              help="Bands by number (3,2,1) or name (red,green,blue) [default: the model's bands by name, "
+                   "else all but alpha].")
+@click.option("--gsd", default="off", show_default=True,
+              help="Run the model at its ground resolution: auto (when the scene's differs by > 1.25x), off, "
+                   "or metres.")
+@click.option("--tta", default="none", show_default=True, type=click.Choice(["none", "flips", "d4"]),
+              help="Average the logits over flips or all 8 dihedral transforms of each tile.")
 @click.option("--confidence", is_flag=True, help="Also write confidence.tif (max softmax).")
 @click.option("--no-polygons", is_flag=True, help="Skip the polygon layer.")
 @click.option("--min-area", type=float, help="Sieve regions smaller than this (m²) from the map.")

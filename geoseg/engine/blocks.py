@@ -172,9 +172,12 @@ def as_runnable(ref: Any) -> Runnable:
     """The backend behind ``ref``: a loaded backend, a :class:`geoseg.Model`, or a
     :class:`~geoseg.models.loading.ModelSpec` (loaded once per process, for cluster workers)."""
     from ..models.loading import ModelSpec, cached_model
+    from .adapters import AdaptedSpec
 
     if isinstance(ref, ModelSpec):
         return cached_model(ref)
+    if isinstance(ref, AdaptedSpec):
+        return ref.load()
     return getattr(ref, "backend", ref)
 
 

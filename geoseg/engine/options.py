@@ -48,6 +48,28 @@ class Tiling:
     overlap: int | None = None
     blend: Blend = "hann"
     margin: int | None = None
+    gsd: str | float = "off"  # "auto", "off" or metres: see geoseg.engine.adapters.gsd_ratio
+    tta: str = "none"  # "none", "flips" or "d4": see geoseg.engine.adapters.TTA
+
+    def __post_init__(self) -> None:
+        from .adapters import TTA
+
+        check_positive("tile size", self.tile, "--tile-size")
+        if self.tta not in TTA:
+            raise ConfigError(f"unknown --tta {self.tta!r}; choose one of: {', '.join(TTA)}")
+        if self.gsd not in ("auto", "off"):
+            try:
+                value = float(self.gsd)
+            except (TypeError, ValueError):
+                value = float("nan")
+            if not value > 0 or value == float("inf"):
+                raise ConfigError(f"--gsd must be auto, off or a ground resolution in metres > 0, got {self.gsd!r}")
+            object.__setattr__(self, "gsd", value)
+        for name in ("overlap", "margin"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, np.integer)) or v < 0):
+                raise ConfigError(f"{name} must be a whole number of pixels >= 0, got {v!r}; fix --{name} "
+                                  "or leave it out for the default")
 
 
 @dataclass(frozen=True)
@@ -116,13 +138,16 @@ def resolve(card: Any, shape: tuple[int, int], tiling: Tiling, *, batch_size: in
     builds the layout (stride in the model's ``pad_multiple`` phase) and
     validates the blend window and margin. Nothing is read or written.
     """
-    tile = tiling.tile or card.tile_size
+    tile = card.tile_size if tiling.tile is None else tiling.tile
     check_positive("tile size", tile, "--tile-size")
     if tile > MAX_TILE:
         raise ConfigError(f"tile size {tile} is larger than {MAX_TILE} px; use --tile-size {card.tile_size}")
     if card.fixed_size and tile != card.tile_size:
         raise ConfigError(f"model {card.name!r} only accepts {card.tile_size}-px tiles; drop --tile-size")
     ov = default_overlap(tile) if tiling.overlap is None else tiling.overlap
+    if tiling.margin is not None and 2 * tiling.margin >= tile:
+        raise ConfigError(f"margin {tiling.margin} must be less than half the tile ({tile} px); use a smaller "
+                          f"--margin or leave it out for the default ({default_margin(ov)})")
     from affine import Affine
 
     layout = Layout.create(grid or Grid(shape, Affine.identity()), tile=tile, overlap=ov,

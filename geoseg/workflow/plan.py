@@ -11,14 +11,17 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..engine.adapters import MAX_NATIVE_TILE, AdaptedSpec, adapt
 from ..engine.options import Compute, RunOptions, Tiling, resolve
-from ..errors import BandCountError, ConfigError, OutputExistsError
+from ..errors import ConfigError, OutputExistsError
 from ..geometry.grid import Grid, Layout
+from ..io.bands import band_mismatch, match_bands, parse_bands, raster_band_names
 from ..io.raster import RasterSource, data_bands, open_raster
+from ..io.resampled import DecimatedSource, decimated_grid
 from ..io.staging import check_output_dir
 from ..io.vector import vector_format
 from ..models.backends import Backend, TorchBackend, auto_batch_size
@@ -48,7 +51,7 @@ class Outputs:
         for name, flag in (("min_area", "--min-area"), ("simplify", "--simplify")):
             v = getattr(self, name)
             if v is not None and (not math.isfinite(v) or v < 0):
-                raise ConfigError(f"{flag} must be a number >= 0, got {v}")
+                raise ConfigError(f"{flag} must be a number >= 0, got {v}; pass a value >= 0 or leave {flag} out")
         vector_format(self.vector_format)
 
     def names(self) -> list[str]:
@@ -83,17 +86,25 @@ class Plan:
     out: Path
     grid: Grid
     bands: list[int]
-    net: Backend
-    model_ref: Any  # what block tasks load the model from (the backend, or a ModelSpec for a cluster)
+    net: Backend  # the loaded model
+    runner: Any  # what the engine runs: the model, or the model wrapped for --gsd / --tta
+    model_ref: Any  # what block tasks load the model from (the runner, or an AdaptedSpec for a cluster)
     card_path: str | None
     layout: Layout
     opts: RunOptions
     compute: Compute
     outputs: Outputs
     engine: str  # "blocks" or "device"
+    adapted: dict[str, Any]  # what --gsd and --tta did (geoseg.engine.adapters.adapt)
+
+    @property
+    def decimation(self) -> int:
+        return int(self.adapted.get("decimation", 1))
 
     @property
     def source(self) -> RasterSource:
+        if self.decimation > 1:
+            return DecimatedSource(self.src, tuple(self.bands), decimation=self.decimation)
         return RasterSource(self.src, tuple(self.bands))
 
 
@@ -111,7 +122,7 @@ def check_scheduler(scheduler: Any) -> None:
 
 
 def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None, tiling: Tiling,
-              compute: Compute, outputs: Outputs, bands: Sequence[int] | None = None) -> Plan:
+              compute: Compute, outputs: Outputs, bands: Sequence[int | str] | None = None) -> Plan:
     """Check everything and resolve every option of a run; nothing is written."""
     check_output_dir(out)
     existing = [n for n in outputs.names() if (out / n).exists()]
@@ -120,10 +131,7 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
     check_scheduler(compute.scheduler)
     with open_raster(src) as ds:
         grid = Grid.from_rio(ds)
-        use = list(bands) if bands else data_bands(ds)
-        bad = [b for b in use if b < 1 or b > ds.count]
-        if bad:
-            raise ConfigError(f"band {bad[0]} does not exist; {src} has bands 1..{ds.count}")
+        names, count, default = raster_band_names(ds), ds.count, data_bands(ds)
     if grid.crs is None:
         raise ConfigError(f"{src} has no CRS, so areas and polygons cannot be placed; "
                           "assign one with gdal_edit.py -a_srs EPSG:XXXX")
@@ -131,29 +139,48 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
         _check_zones(Path(outputs.zones), outputs.zone_field)
     net = model if isinstance(model, Backend) else load_model(
         model, card=card, device=compute.device, streams=compute.streams, precision=compute.precision)
-    mc = net.card
-    if len(use) != mc.in_channels:
-        expect = f" ({', '.join(mc.bands)})" if mc.bands else ""
-        fix = (f"choose {mc.in_channels} with --bands" if len(use) > mc.in_channels
-               else "use a raster with the bands the model was trained on")
-        raise BandCountError(
-            f"{src} has {len(use)} data bands but model {mc.name!r} expects {mc.in_channels}{expect}; {fix}"
-        )
-    bs = compute.batch_size or auto_batch_size(net.device, mc.tile_size if tiling.tile is None else tiling.tile,
-                                               mc.in_channels)
-    layout, opts = resolve(mc, grid.shape, tiling, batch_size=bs, confidence=outputs.confidence, grid=grid)
+    use = _choose_bands(str(src), bands, names, count, default, net.card)
+    runner, tiled, adapted = adapt(net, tiling, grid)
+    work, d = grid, 1
+    if adapted["ratio"] is not None and tiled.tile is not None and tiled.tile > MAX_NATIVE_TILE:
+        d = math.ceil(tiled.tile / MAX_NATIVE_TILE)  # read d x d-pixel cells: tiles stay small
+        work = decimated_grid(grid, d)
+        runner, tiled, adapted = adapt(net, replace(tiling, gsd=tiling.gsd if tiling.gsd != "auto" else net.card.gsd),
+                                       work)
+    adapted["decimation"] = d
+    adapted["gsd"] = tiling.gsd
+    tiling = tiled
+    mc = runner.card
+    bs = compute.batch_size or auto_batch_size(net.device, net.card.tile_size if tiling.tile is None else
+                                               min(tiling.tile, net.card.tile_size), mc.in_channels)
+    layout, opts = resolve(mc, work.shape, tiling, batch_size=bs, confidence=outputs.confidence, grid=work)
     engine = _engine(compute, net)
-    model_ref: Any = net
-    local = compute.scheduler in (None, "threads", "local", "sync")
-    if not local:
+    model_ref: Any = runner
+    if compute.scheduler not in (None, "threads", "local", "sync"):
         spec = getattr(net, "spec", None)
         if spec is None:
             raise ConfigError("a model passed as an object cannot be sent to a cluster; pass its path")
-        model_ref = ModelSpec(_absolute(spec.model), _absolute(spec.card) if spec.card else None,
-                              compute.device, compute.streams, compute.precision)
+        model_ref = AdaptedSpec(ModelSpec(_absolute(spec.model), _absolute(spec.card) if spec.card else None,
+                                          compute.device, compute.streams, compute.precision),
+                                adapted["tta"], adapted["ratio"], getattr(runner, "model_tile", None))
     path = str(Path(src).resolve()) if Path(str(src)).exists() else str(src)
-    return Plan(str(src), path, out, grid, use, net, model_ref, str(card) if card else None, layout, opts, compute,
-                outputs, engine)
+    return Plan(str(src), path, out, grid, use, net, runner, model_ref, str(card) if card else None, layout, opts,
+                compute, outputs, engine, adapted)
+
+
+def _choose_bands(src: str, bands: Sequence[int | str] | None, names: list[str | None], count: int,
+                  default: list[int], card: Any) -> list[int]:
+    """``--bands`` (indexes or names), else the card's band names matched to the raster's, else every data band."""
+    if bands:
+        use = parse_bands(bands, names, src)
+    else:
+        use = (match_bands(names, card.bands) if card.bands else None) or default
+    bad = [b for b in use if b < 1 or b > count]
+    if bad:
+        raise ConfigError(f"band {bad[0]} does not exist; {src} has bands 1..{count}")
+    if len(use) != card.in_channels:
+        raise band_mismatch(src, use, names, card)
+    return use
 
 
 def _absolute(p: str) -> str:
@@ -161,7 +188,7 @@ def _absolute(p: str) -> str:
     return str(Path(p).resolve()) if Path(p).exists() else p
 
 
-def _engine(compute: Compute, net: Backend) -> str:
+def _engine(compute: Compute, net: Backend) -> str:  # net: the loaded backend (not the wrapped runner)
     local = compute.scheduler in (None, "threads", "local", "sync")
     torch_gpu = isinstance(net, TorchBackend) and net.device.startswith("cuda")
     if compute.engine == "auto":

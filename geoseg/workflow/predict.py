@@ -123,7 +123,8 @@ def fingerprint(plan: Plan) -> dict[str, Any]:
             "bands": plan.bands, "tile": o.tile, "overlap": o.overlap, "block": plan.layout.block,
             "blend": o.blend if isinstance(o.blend, str) else repr(o.blend), "margin": o.resolved_margin,
             "batch_size": o.batch_size, "engine": plan.engine, "device": plan.net.device,
-            "confidence": plan.outputs.confidence, "min_area": plan.outputs.min_area}
+            "confidence": plan.outputs.confidence, "min_area": plan.outputs.min_area,
+            "tta": plan.adapted["tta"], "gsd_ratio": plan.adapted["ratio"]}
 
 
 def _open_staging(plan: Plan, resume: bool | None) -> Staging:

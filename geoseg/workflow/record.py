@@ -34,6 +34,7 @@ def run_record(plan: Plan, counts: Counts, vec: dict[str, Any], timings: dict[st
             "vector_format": o.vector_format, "zones": str(o.zones) if o.zones else None,
             "quicklook": o.quicklook,
         },
+        "ground_resolution_and_tta": plan.adapted,
         "vectorize": vec,
         "model_card": mc.to_dict(),
         "counts": {"pixels": int(hist.sum()), "nodata_pixels": int(hist[-1]),

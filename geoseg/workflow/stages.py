@@ -70,26 +70,28 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
     With a ``journal``, each finished block is also saved there, and blocks
     it already holds (a resumed run) are written from it instead of run.
     """
-    mc, layout = plan.net.card, plan.layout
+    mc, layout, d = plan.net.card, plan.layout, plan.decimation
     palette = mc.palette()
     writers = {"classes": BlockWriter(
-        staging / "classes.tif", plan.grid, dtype="uint8", nodata=NODATA, block=layout.block,
+        staging / "classes.tif", plan.grid, dtype="uint8", nodata=NODATA, block=layout.block * d,
         colormap={i: (*rgb, 255) for i, rgb in enumerate(palette)} | {NODATA: (0, 0, 0, 0)},
         tags=class_tags(list(mc.classes), [hex_color(p) for p in palette]), description="class")}
     if plan.outputs.confidence:
         writers["confidence"] = BlockWriter(staging / "confidence.tif", plan.grid, dtype="float32", nodata=-1.0,
-                                            block=layout.block, description="confidence (max softmax)")
+                                            block=layout.block * d, description="confidence (max softmax)")
     total = layout.blocks[0] * layout.blocks[1]
     counts = Counts(np.zeros(mc.num_classes + 1, np.int64))
     lock = threading.Lock()
 
     def sink(ij: tuple[int, int], blk: BlockOut, saved: bool = False) -> None:
+        if journal is not None and not saved:
+            journal.save(ij, blk.classes, blk.confidence)
         rows, cols = layout.block_slices(*ij)
+        if d > 1:
+            rows, cols, blk = _on_scene_grid(plan, rows, cols, blk)
         writers["classes"].write(rows, cols, blk.classes)
         if blk.confidence is not None:
             writers["confidence"].write(rows, cols, blk.confidence)
-        if journal is not None and not saved:
-            journal.save(ij, blk.classes, blk.confidence)
         with lock:
             counts.tiles_run += blk.tiles_run
             counts.tiles_skipped += blk.tiles_skipped
@@ -107,7 +109,7 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
             if plan.engine == "device":
                 from ..engine.device import run_on_device
 
-                counts.transfers = run_on_device(plan.source, plan.net, layout, plan.opts, sink,
+                counts.transfers = run_on_device(plan.source, plan.runner, layout, plan.opts, sink,
                                                  done=done).as_dict()
             else:
                 stream_blocks(plan.source, plan.model_ref, layout, plan.opts, sink, scheduler=sched,
@@ -126,6 +128,29 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
             client.close()
     write_text_atomic(staging / "classes.qml", paletted_raster_qml(list(mc.classes), palette))
     return counts
+
+
+def _on_scene_grid(plan: Plan, rows: slice, cols: slice, blk: BlockOut) -> tuple[slice, slice, BlockOut]:
+    """A block of the decimated working grid as the scene pixels it covers (each cell d x d pixels)."""
+    d = plan.decimation
+    h, w = plan.grid.shape
+    r = slice(rows.start * d, min(rows.stop * d, h))
+    c = slice(cols.start * d, min(cols.stop * d, w))
+
+    def up(a: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(a, d, axis=0), d, axis=1)[: r.stop - r.start, : c.stop - c.start]
+
+    classes = up(blk.classes)
+    conf = up(blk.confidence) if blk.confidence is not None else None
+    mask = plan.source.native_mask(r, c)  # type: ignore[attr-defined]
+    if mask is not None:  # the scene's own nodata, at full resolution
+        classes[~mask] = NODATA
+        if conf is not None:
+            conf[~mask] = -1.0
+    k = plan.net.card.num_classes
+    hist = np.bincount(classes.ravel(), minlength=256)
+    hist = np.concatenate([hist[:k], hist[NODATA : NODATA + 1]]).astype(np.int64)
+    return r, c, BlockOut(classes, conf, hist, blk.tiles_run, blk.tiles_skipped)
 
 
 def _saved_block(journal: Any, ij: tuple[int, int], plan: Plan) -> BlockOut:

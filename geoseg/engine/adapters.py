@@ -1,0 +1,222 @@
+"""Wrappers that change what one forward pass sees, with the engine unchanged around them.
+
+* :class:`AtGroundResolution` runs a model at the ground resolution it was
+  trained at: tiles are cut on the scene's own grid, each tile is resampled
+  to the model's tile size (antialiased when shrinking), and its logits are
+  resampled back to the tile before blending. The class raster stays on the
+  scene's grid, and the logits reach that grid before the argmax.
+* :class:`TestTimeAugmented` averages the logits of the dihedral transforms
+  of each tile (undone on the logits) before blending.
+
+Both take and give what a backend does: ``__call__`` on float32 numpy
+(B, C, H, W) batches and ``forward_tensor`` on device tensors, so they work
+in every engine, the device-resident one included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+
+#: ``--tta`` choices: the (rotations by 90°, horizontal flip) pairs averaged.
+TTA = {
+    "none": [(0, False)],
+    "flips": [(0, False), (0, True), (2, True), (2, False)],  # identity, h-flip, v-flip, both
+    "d4": [(k, f) for f in (False, True) for k in range(4)],
+}
+
+#: Largest tile, in scene pixels, that a resampled tile may span. Beyond it
+#: the scene is first read on a grid of d x d-pixel cells (GDAL average; see
+#: geoseg.io.resampled), so memory stays that of ordinary tiles.
+MAX_NATIVE_TILE = 2048
+
+#: ``--gsd auto`` resamples when the scene's ground resolution differs from
+#: the model's by more than this factor either way.
+GSD_TOLERANCE = 1.25
+
+
+class _Wrapper:
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.card = inner.card
+        self.device = getattr(inner, "device", "cpu")
+        self.streams = getattr(inner, "streams", 1)
+        self.threads = getattr(inner, "threads", 0)
+        self.precision = getattr(inner, "precision", "fp32")
+        self.spec = getattr(inner, "spec", None)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with self.inner._slots if hasattr(self.inner, "_slots") else _nothing():
+            if self.threads and torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
+            with torch.inference_mode():
+                t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+                return self.forward_tensor(t).cpu().numpy()
+
+    def _inner_forward(self, x: Any) -> Any:
+        import torch
+
+        if hasattr(self.inner, "forward_tensor"):
+            return self.inner.forward_tensor(x)
+        return torch.from_numpy(self.inner._forward(x.cpu().numpy())).to(x.device)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+class TestTimeAugmented(_Wrapper):
+    """Logits averaged over ``TTA[mode]`` transforms of each tile (square tiles)."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, inner: Any, mode: str):
+        if mode not in TTA:
+            raise ConfigError(f"unknown --tta {mode!r}; choose one of: {', '.join(TTA)}")
+        super().__init__(inner)
+        self.mode = mode
+        self.transforms = TTA[mode]
+
+    def forward_tensor(self, x: Any) -> Any:
+        import torch
+
+        out = None
+        for k, flip in self.transforms:
+            xt = torch.rot90(x, k, dims=(-2, -1))
+            xt = torch.flip(xt, dims=(-1,)) if flip else xt
+            y = self._inner_forward(xt.contiguous())
+            y = torch.flip(y, dims=(-1,)) if flip else y
+            y = torch.rot90(y, -k, dims=(-2, -1))
+            out = y if out is None else out + y
+        return out / len(self.transforms)
+
+
+class AtGroundResolution(_Wrapper):
+    """Run ``inner`` on tiles of ``native_tile`` scene pixels resampled to its ``card.tile_size``.
+
+    ``native_tile = round(card.tile_size * ratio)`` where ``ratio`` is the
+    model's ground sample distance over the scene's (> 1: the scene is finer
+    than the model). The card this wrapper shows has ``tile_size =
+    native_tile`` and ``pad_multiple = 1``: the engine tiles and blends on
+    the scene's grid as usual.
+    """
+
+    def __init__(self, inner: Any, ratio: float, model_tile: int | None = None):
+        super().__init__(inner)
+        self.ratio = ratio
+        self.model_tile = model_tile or inner.card.tile_size
+        self.native_tile = max(8, int(round(self.model_tile * ratio)))
+        self.card = dataclasses.replace(inner.card, tile_size=self.native_tile, pad_multiple=1, fixed_size=False)
+
+    def forward_tensor(self, x: Any) -> Any:
+        from torch.nn import functional as F
+
+        n, m = x.shape[-1], self.model_tile
+        small = n > m  # shrinking: average the pixels a model pixel covers (antialiased)
+        xm = F.interpolate(x, size=(m, m), mode="bilinear", align_corners=False, antialias=small)
+        y = self._inner_forward(xm)
+        return F.interpolate(y, size=(x.shape[-2], n), mode="bilinear", align_corners=False, antialias=not small)
+
+
+def scene_gsd(grid: Any) -> float | None:
+    """The scene's pixel size in metres (mean of x and y); None without a CRS.
+
+    For a geographic CRS, degrees are taken in metres at the scene's centre
+    latitude (a degree of longitude shrinks with its cosine).
+    """
+    from ..geometry.units import METRES_PER_DEGREE, metres_per_unit
+
+    crs = grid.crs
+    if crs is None:
+        return None
+    rx, ry = grid.resolution
+    if crs.is_projected:
+        k = metres_per_unit(crs)
+        return (rx + ry) / 2 * k
+    lat = (grid.transform * (grid.width / 2, grid.height / 2))[1]
+    return (rx * math.cos(math.radians(lat)) + ry) / 2 * METRES_PER_DEGREE
+
+
+def gsd_ratio(model_gsd: float | None, grid: Any, setting: str | float) -> float | None:
+    """The resampling ratio ``--gsd`` asks for (model GSD / scene GSD), or None for none.
+
+    ``setting`` is ``"off"``, ``"auto"`` (resample when the ratio is beyond
+    :data:`GSD_TOLERANCE` either way and both GSDs are known) or a number of
+    metres to run the model at (whatever its card says).
+    """
+    if setting == "off":
+        return None
+    target = model_gsd if setting == "auto" else float(setting)
+    if target is not None and (not math.isfinite(target) or target <= 0):
+        raise ConfigError(f"--gsd must be auto, off or a ground resolution in metres > 0, got {setting}")
+    scene = scene_gsd(grid)
+    if target is None or scene is None:
+        return None
+    ratio = target / scene
+    if setting == "auto" and 1 / GSD_TOLERANCE <= ratio <= GSD_TOLERANCE:
+        return None
+    return ratio
+
+
+def adapt(net: Any, tiling: Any, grid: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The model the engine runs for these options, the tiling to lay out, and what was done.
+
+    Applies ``tiling.tta`` and ``tiling.gsd`` (see :func:`gsd_ratio`); with
+    resampling, ``tile``/``overlap``/``margin`` given by the user are in the
+    model's pixels and are scaled to the scene's.
+    """
+    card = net.card
+    runner = net
+    scene = scene_gsd(grid)
+    info: dict[str, Any] = {"gsd": tiling.gsd, "scene_gsd_m": scene, "model_gsd_m": card.gsd, "ratio": None,
+                            "tta": tiling.tta, "passes_per_tile": len(TTA[tiling.tta])}
+    if tiling.tta != "none":
+        runner = TestTimeAugmented(runner, tiling.tta)
+    ratio = gsd_ratio(card.gsd, grid, tiling.gsd)
+    if ratio is None:
+        return runner, tiling, info
+    model_tile = tiling.tile or card.tile_size
+    if card.fixed_size and model_tile != card.tile_size:
+        raise ConfigError(f"model {card.name!r} only accepts {card.tile_size}-px tiles; drop --tile-size")
+    if model_tile % card.pad_multiple:
+        raise ConfigError(f"tile size {model_tile} is not a multiple of the model's pad_multiple {card.pad_multiple}")
+    runner = AtGroundResolution(runner, ratio, model_tile)
+    def scale(v: int | None) -> int | None:
+        return None if v is None else int(round(v * ratio))
+
+    tiling = dataclasses.replace(tiling, tile=runner.native_tile, overlap=scale(tiling.overlap),
+                                 margin=scale(tiling.margin))
+    info["ratio"] = ratio
+    info["native_tile"] = runner.native_tile
+    return runner, tiling, info
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptedSpec:
+    """A picklable recipe for the wrapped model (a cluster worker loads the backend once, then wraps it)."""
+
+    spec: Any  # geoseg.models.loading.ModelSpec
+    tta: str = "none"
+    ratio: float | None = None
+    model_tile: int | None = None
+
+    def load(self) -> Any:
+        from ..models.loading import cached_model
+
+        runner = cached_model(self.spec)
+        if self.tta != "none":
+            runner = TestTimeAugmented(runner, self.tta)
+        if self.ratio is not None:
+            runner = AtGroundResolution(runner, self.ratio, self.model_tile)
+        return runner

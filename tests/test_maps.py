@@ -1,0 +1,183 @@
+"""Maps that are right: ground-resolution-aware prediction, TTA, bands by name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+import geoseg
+from geoseg.engine.adapters import TTA, AtGroundResolution, TestTimeAugmented, gsd_ratio, scene_gsd
+from geoseg.errors import BandCountError
+from geoseg.geometry.grid import Grid
+
+from .conftest import shared, smooth_image, write_raster
+
+
+@pytest.mark.parametrize("mode", ["d4", "flips"])
+def test_tta_equals_the_average_of_manual_transforms(cnn_model, mode):
+    """Exactness: the wrapper's logits are the mean of the model's logits on each transformed tile, undone."""
+    backend = cnn_model.backend
+    x = cnn_model.card.normalize(smooth_image((3, 64, 64), seed=11))[None]
+    manual = []
+    for k, flip in TTA[mode]:
+        xt = np.rot90(x, k, axes=(2, 3))
+        xt = xt[..., ::-1] if flip else xt
+        y = backend(np.ascontiguousarray(xt))
+        y = y[..., ::-1] if flip else y
+        manual.append(np.rot90(y, -k, axes=(2, 3)))
+    np.testing.assert_allclose(TestTimeAugmented(backend, mode)(x), np.mean(manual, axis=0), atol=1e-5)
+    assert len(TTA["d4"]) == 8 and len(set(TTA["d4"])) == 8
+
+
+def test_tta_in_predict_blocks_and_device_engines_agree(tmp_path, yolo_checkpoint):
+    path = write_raster(tmp_path / "s.tif", smooth_image((3, 300, 260), seed=12))
+    outs = {}
+    for engine in ("blocks", "device"):
+        r = geoseg.predict(path, tmp_path / engine, model=yolo_checkpoint, device="cpu", tta="d4", engine=engine,
+                           polygons=False, tile_size=64)
+        with rasterio.open(r.output / "classes.tif") as ds:
+            outs[engine] = ds.read(1)
+        run = json.loads((r.output / "run.json").read_text())
+        assert run["ground_resolution_and_tta"]["passes_per_tile"] == 8
+    np.testing.assert_array_equal(outs["blocks"], outs["device"])
+
+
+def test_scene_gsd_in_metres_for_projected_and_geographic_grids():
+    from rasterio.crs import CRS
+
+    utm = Grid((10, 10), Affine(0.5, 0, 500000, 0, -0.5, 0), CRS.from_epsg(32633))
+    assert scene_gsd(utm) == pytest.approx(0.5)
+    feet = Grid((10, 10), Affine(1, 0, 0, 0, -1, 0), CRS.from_epsg(2263))  # US survey feet
+    assert scene_gsd(feet) == pytest.approx(0.3048, rel=1e-3)
+    deg = 1e-5  # at 60° N a degree of longitude is half a degree of latitude
+    geo = Grid((10, 10), Affine(deg, 0, 10, 0, -deg, 60 + 5 * deg), CRS.from_epsg(4326))
+    assert scene_gsd(geo) == pytest.approx((deg * 0.5 + deg) / 2 * 111_320, rel=1e-3)
+    assert gsd_ratio(0.5, utm, "auto") is None  # same resolution: nothing to do
+    assert gsd_ratio(2.0, utm, "auto") == pytest.approx(4.0)
+    assert gsd_ratio(2.0, utm, "off") is None
+    assert gsd_ratio(None, utm, 1.0) == pytest.approx(2.0)
+
+
+def test_resampled_tiles_see_the_model_resolution(cnn_model):
+    """A scene 4x finer than the model, run at the model's GSD, equals the model on the 4x coarser scene."""
+    backend = cnn_model.backend
+    wrapped = AtGroundResolution(backend, 4.0, model_tile=64)
+    assert wrapped.card.tile_size == 256 and wrapped.card.pad_multiple == 1
+    coarse = cnn_model.card.normalize(smooth_image((3, 64, 64), seed=3))[None]
+    fine = np.repeat(np.repeat(coarse, 4, axis=2), 4, axis=3)  # the same ground, 4x the pixels
+    y = wrapped(np.ascontiguousarray(fine))
+    assert y.shape == (1, 4, 256, 256)
+    ref = backend(coarse)
+    np.testing.assert_allclose(y[:, :, 1::4, 1::4][:, :, 8:-8, 8:-8], ref[:, :, 8:-8, 8:-8], atol=0.35)
+    assert (y.argmax(1)[:, 2::4, 2::4] == ref.argmax(1)).mean() > 0.95
+
+
+def _dubai_crop():
+    img_path = shared("data/dubai/images/tile_8_image_part_005.jpg")
+    mask_path = shared("data/dubai/masks/tile_8_image_part_005.png")
+    r0, c0, s = 300, 500, 480
+    with rasterio.open(img_path) as ds:
+        img = ds.read()[:, r0 : r0 + s, c0 : c0 + s]
+    with rasterio.open(mask_path) as ds:
+        mask = ds.read(1)[r0 : r0 + s, c0 : c0 + s]
+    return img, np.where(mask == 5, 255, mask)
+
+
+def _resample(img, f):
+    import torch
+    from torch.nn import functional as F
+
+    n = int(round(img.shape[1] * f))
+    t = torch.from_numpy(img.astype(np.float32))[None]
+    out = F.interpolate(t, size=(n, n), mode="bilinear", antialias=f < 1, align_corners=False)[0]
+    return out.round().clamp(0, 255).numpy().astype(np.uint8)
+
+
+def _on_native(c, f, s):
+    if f > 1:
+        k = int(f)
+        return c[k // 2 :: k, k // 2 :: k][:s, :s]
+    k = int(round(1 / f))
+    c = np.repeat(np.repeat(c, k, 0), k, 1)[:s, :s]
+    return np.pad(c, ((0, s - c.shape[0]), (0, s - c.shape[1])), mode="edge")
+
+
+@pytest.mark.slow
+def test_gsd_auto_keeps_the_map_at_other_ground_resolutions(tmp_path):
+    """A labelled Dubai crop at 0.8 m, a 6x finer and a 3x coarser copy: --gsd auto vs off."""
+    from geoseg.train.metrics import ConfusionMatrix
+
+    img, mask = _dubai_crop()
+    s = img.shape[1]
+    model = geoseg.load_model("geoseg-landcover-n", device="cpu")
+    scores, maps = {}, {}
+    for label, f in (("native", 1), ("fine", 6), ("coarse", 1 / 3)):
+        gsd = 0.8 / f
+        path = write_raster(tmp_path / f"{label}.tif", img if f == 1 else _resample(img, f), crs="EPSG:32640",
+                            transform=Affine(gsd, 0, 500000, 0, -gsd, 2780000))
+        for setting in ("off", "auto"):
+            out = geoseg.predict(path, tmp_path / f"{label}-{setting}", model=model, gsd=setting, polygons=False)
+            with rasterio.open(out.output / "classes.tif") as ds:
+                c = _on_native(ds.read(1), f, s)
+            cm = ConfusionMatrix(5)
+            cm.update(c, mask)
+            scores[label, setting], maps[label, setting] = cm.miou(), c
+    assert scores["native", "auto"] == scores["native", "off"]  # at its own GSD nothing changes
+    assert scores["fine", "auto"] >= scores["native", "auto"] - 0.03
+    assert scores["fine", "off"] < scores["native", "off"] - 0.05  # the failure --gsd auto fixes
+    assert scores["coarse", "auto"] > scores["coarse", "off"]
+
+    def agreement(setting):
+        a, b, c = (maps[k, setting] for k in ("native", "fine", "coarse"))
+        return np.mean([(a == b).mean(), (a == c).mean(), (b == c).mean()])
+
+    assert agreement("auto") >= agreement("off")
+
+
+def test_bands_by_name_pick_3_2_1(tmp_path, yolo_checkpoint):
+    data = smooth_image((5, 80, 90), seed=13)
+    path = tmp_path / "bgrn.tif"
+    write_raster(path, data)
+    with rasterio.open(path, "r+") as ds:
+        for i, name in enumerate(("blue", "green", "red", "nir", "swir16"), 1):
+            ds.set_band_description(i, name)
+    r = geoseg.predict(path, tmp_path / "a", model=yolo_checkpoint, device="cpu", polygons=False,
+                       bands=["red", "green", "blue"])
+    assert json.loads((r.output / "run.json").read_text())["options"]["bands"] == [3, 2, 1]
+    # the card names red, green, blue: matched without --bands
+    from geoseg.models.card import ModelCard
+
+    card = ModelCard.load(yolo_checkpoint.with_suffix(".yaml"))
+    named = tmp_path / "named.yaml"
+    ModelCard.from_dict({**card.to_dict(), "bands": ["red", "green", "blue"]}).save(named)
+    r = geoseg.predict(path, tmp_path / "b", model=yolo_checkpoint, card=named, device="cpu", polygons=False)
+    assert json.loads((r.output / "run.json").read_text())["options"]["bands"] == [3, 2, 1]
+
+
+def test_band_hints_are_only_as_sure_as_the_names(tmp_path, yolo_checkpoint):
+    from geoseg.models.card import ModelCard
+
+    card = ModelCard.load(yolo_checkpoint.with_suffix(".yaml"))
+    named = tmp_path / "named.yaml"
+    ModelCard.from_dict({**card.to_dict(), "bands": ["red", "green", "blue"]}).save(named)
+    described = write_raster(tmp_path / "d.tif", smooth_image((5, 40, 40)))
+    with rasterio.open(described, "r+") as ds:
+        for i, name in enumerate(("blue", "green", "red", "nir", "swir16"), 1):
+            ds.set_band_description(i, name)
+    # names match partly: the hint would be a guess
+    with rasterio.open(described, "r+") as ds:
+        ds.set_band_description(3, "rededge")
+    with pytest.raises(BandCountError, match="do not all match"):
+        geoseg.predict(described, tmp_path / "x", model=yolo_checkpoint, card=named, device="cpu")
+    anonymous = write_raster(tmp_path / "a.tif", smooth_image((6, 40, 40)))
+    with pytest.raises(BandCountError, match="names no bands, so the order is unknown"):
+        geoseg.predict(anonymous, tmp_path / "y", model=yolo_checkpoint, card=named, device="cpu")
+    from geoseg.io.bands import band_mismatch
+
+    err = band_mismatch("s.tif", [1, 2, 3, 4, 5], ["blue", "green", "red", "nir", "swir16"],
+                        ModelCard.load(named))
+    assert "--bands 3,2,1" in str(err)
