@@ -82,10 +82,21 @@ def test_predict_sample_scene_offline(tmp_path, monkeypatch):
     with rasterio.open(out / "classes.tif") as ds, rasterio.open(SCENE) as src:
         assert ds.crs == src.crs and ds.transform == src.transform
         cls = ds.read(1)
-    # the field: bare soil on the left is land, the crop rows on the right are vegetation
-    left, right = cls[:, :200], cls[:, 500:]
-    assert (left == 1).mean() > 0.6
-    assert (right == 3).mean() > 0.6  # 0.70 when the golden logits were made
+    # A 2 cm scene and a 0.8 m model: run at the model's ground resolution (--gsd auto, the
+    # default), the crop rows on the right are vegetation and nothing in the field is water
+    # (at 2 cm the model called 16 % of it water).
+    assert run["ground_resolution_and_tta"]["ratio"] is not None
+    left, right = cls[:, :150], cls[:, 500:]
+    assert (right == 3).mean() > 0.9
+    assert (cls == 4).mean() < 0.01
+    assert (left == 1).mean() > 0.5 and not (left == 4).any()  # bare soil: mostly land, never water
+    r = CliRunner().invoke(cli, ["predict", str(SCENE), "-o", str(tmp_path / "off"), "-q", "--gsd", "off",
+                                 "--no-polygons"])
+    assert r.exit_code == 0, r.output
+    with rasterio.open(tmp_path / "off" / "classes.tif") as ds:
+        off = ds.read(1)
+    assert (off[:, :200] == 1).mean() > 0.6  # at 2 cm the soil texture reads as land ...
+    assert (off == 4).mean() > 0.05  # ... and crop shadows as water
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def _bands(value: str | None) -> list[int | str] | None:
 @click.option("--bands", "bands",
               help="Bands by number (3,2,1) or name (red,green,blue) [default: the model's bands by name, "
                    "else all but alpha].")
-@click.option("--gsd", default="off", show_default=True,
+@click.option("--gsd", default="auto", show_default=True,
               help="Run the model at its ground resolution: auto (when the scene's differs by > 1.25x), off, "
                    "or metres.")
 @click.option("--tta", default="none", show_default=True, type=click.Choice(["none", "flips", "d4"]),

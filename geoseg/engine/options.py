@@ -48,7 +48,7 @@ class Tiling:
     overlap: int | None = None
     blend: Blend = "hann"
     margin: int | None = None
-    gsd: str | float = "off"  # "auto", "off" or metres: see geoseg.engine.adapters.gsd_ratio
+    gsd: str | float = "auto"  # "auto", "off" or metres: see geoseg.engine.adapters.gsd_ratio
     tta: str = "none"  # "none", "flips" or "d4": see geoseg.engine.adapters.TTA
 
     def __post_init__(self) -> None:
