@@ -189,6 +189,16 @@ def test_segment_dataarray_keeps_grid_and_stores_with_rioxarray(tmp_path, cnn_mo
     with rasterio.open(tmp_path / "lazy.tif") as a, rasterio.open(res.output / "classes.tif") as b:
         np.testing.assert_array_equal(a.read(1), b.read(1))
         assert a.transform == b.transform and a.crs == b.crs
+        expected = b.read(1)
+    zarr = pytest.importorskip("zarr")
+    ds = geoseg.segment(x, cnn_model, tile_size=64, overlap=16, confidence=True)
+    ds.to_zarr(tmp_path / "c.zarr", mode="w")  # classes and confidence in one pass over the tiles
+    assert zarr is not None
+    import xarray as xr
+
+    back = xr.open_zarr(tmp_path / "c.zarr")
+    np.testing.assert_array_equal(back["classes"].values, expected)
+    assert float(back["confidence"].max()) <= 1.0
 
 
 def test_infer_takes_and_returns_dataarrays(tmp_path, cnn_model):

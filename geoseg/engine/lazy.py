@@ -144,7 +144,9 @@ def segment_graph(data: Any, mask: Any, model_ref: Any, layout: Layout, opts: Ru
 
     h, w = layout.grid.shape
     bname, cname, fname = f"geoseg-block-{token}", f"geoseg-classes-{token}", f"geoseg-confidence-{token}"
-    dsk: dict[Any, Any] = {}
+    blocks: dict[Any, Any] = {}
+    cls: dict[Any, Any] = {}
+    cnf: dict[Any, Any] = {}
     deps = []
     for i, j in layout.iter_blocks():
         rows, cols = layout.block_extent(i, j)
@@ -156,15 +158,21 @@ def segment_graph(data: Any, mask: Any, model_ref: Any, layout: Layout, opts: Ru
         mwin = mask[r0:r1, c0:c1] if mask is not None else None
         deps += [win] if mwin is None else [win, mwin]
         nb = [(bname, a, b) if a >= 0 and b >= 0 else None for a, b in ((i - 1, j), (i, j - 1), (i - 1, j - 1))]
-        dsk[(bname, i, j)] = (_lazy_block, win.__dask_keys__(), None if mwin is None else mwin.__dask_keys__(),
-                              ridx - r0, cidx - c0, nodata, model_ref, layout, opts, i, j, *nb)
-        dsk[(cname, i, j)] = (_classes, (bname, i, j))
+        blocks[(bname, i, j)] = (_lazy_block, win.__dask_keys__(), None if mwin is None else mwin.__dask_keys__(),
+                                 ridx - r0, cidx - c0, nodata, model_ref, layout, opts, i, j, *nb)
+        cls[(cname, i, j)] = (_classes, (bname, i, j))
         if opts.confidence:
-            dsk[(fname, i, j)] = (_confidence, (bname, i, j))
+            cnf[(fname, i, j)] = (_confidence, (bname, i, j))
     chunks = layout.chunks()
-    graph = HighLevelGraph.from_collections(cname, dsk, dependencies=deps)
-    classes = da.Array(graph, cname, chunks=chunks, dtype=np.uint8)
-    conf = da.Array(graph, fname, chunks=chunks, dtype=np.float32) if opts.confidence else None
+    base = HighLevelGraph.from_collections(bname, blocks, dependencies=deps)
+    layers = dict(base.layers)
+    dependencies = dict(base.dependencies)
+    layers[cname], dependencies[cname] = cls, {bname}
+    classes = da.Array(HighLevelGraph(layers, dependencies), cname, chunks=chunks, dtype=np.uint8)
+    conf = None
+    if opts.confidence:
+        layers[fname], dependencies[fname] = cnf, {bname}
+        conf = da.Array(HighLevelGraph(layers, dependencies), fname, chunks=chunks, dtype=np.float32)
     return classes, conf
 
 
