@@ -35,6 +35,10 @@ TTA = {
 #: geoseg.io.resampled), so memory stays that of ordinary tiles.
 MAX_NATIVE_TILE = 2048
 
+#: Tiles are never upsampled more than this: a scene this much coarser than
+#: the model has too little detail for it, and resampling cannot add any.
+MAX_UPSAMPLE = 8.0
+
 #: ``--gsd auto`` resamples when the scene's ground resolution differs from
 #: the model's by more than this factor either way.
 GSD_TOLERANCE = 1.25
@@ -156,6 +160,10 @@ def gsd_ratio(model_gsd: float | None, grid: Any, setting: str | float) -> float
     metres to run the model at (whatever its card says).
     """
     if setting == "off":
+        scene = scene_gsd(grid)
+        if model_gsd and scene and not 1 / 2 <= model_gsd / scene <= 2:
+            warn(f"the scene's ground resolution ({scene:.3g} m) is {_times(model_gsd / scene)} the model's "
+                 f"({model_gsd:.3g} m) and --gsd off keeps it; --gsd auto runs the model at its own")
         return None
     target = model_gsd if setting == "auto" else float(setting)
     if target is not None and (not math.isfinite(target) or target <= 0):
@@ -166,7 +174,28 @@ def gsd_ratio(model_gsd: float | None, grid: Any, setting: str | float) -> float
     ratio = target / scene
     if setting == "auto" and 1 / GSD_TOLERANCE <= ratio <= GSD_TOLERANCE:
         return None
+    if ratio < 1 / MAX_UPSAMPLE:
+        msg = (f"the scene's ground resolution ({scene:.3g} m) is {_times(ratio)} the model's ({target:.3g} m): "
+               f"too coarse to resample (at most {MAX_UPSAMPLE:g}x)")
+        if setting != "auto":
+            raise ConfigError(f"{msg}; use a model trained nearer {scene:.3g} m, or --gsd off")
+        warn(f"{msg}; running at the scene's own resolution — expect a poor map")
+        return None
     return ratio
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.3g}x finer than" if ratio > 1 else f"{1 / ratio:.3g}x coarser than"
+
+
+class GroundResolutionWarning(UserWarning):
+    """The scene's ground resolution and the model's differ more than the options correct."""
+
+
+def warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, GroundResolutionWarning, stacklevel=3)
 
 
 def adapt(net: Any, tiling: Any, grid: Any) -> tuple[Any, Any, dict[str, Any]]:

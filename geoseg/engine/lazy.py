@@ -17,13 +17,18 @@ follows the blocks in flight, not the scene.
 
 from __future__ import annotations
 
+import math
+import warnings
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from ..errors import BandCountError, ConfigError
-from ..geometry.grid import Layout, reflect_index
+from ..geometry.grid import Grid, Layout, reflect_index
 from ..geometry.units import NODATA
+from ..io.resampled import decimated_grid
+from .adapters import MAX_NATIVE_TILE, adapt
 from .blocks import BlockOut, as_runnable, compute_block
 from .options import RunOptions, Tiling, resolve
 
@@ -99,6 +104,55 @@ def _as_dask(x: Any) -> tuple[Any, Any]:
     if data.ndim != 3:
         raise ConfigError(f"segment needs a (band, y, x) array, got {data.ndim} dimensions")
     return data, None
+
+
+def _coarsen(data: Any, nodata: float | None, mask: Any, d: int) -> Any:
+    """Mean of the valid pixels of each d x d cell (NaN where a cell has none), as float32."""
+    import dask.array as da
+
+    def invalid_to_nan(block: np.ndarray, *m: np.ndarray) -> np.ndarray:
+        ok = valid_mask(block, nodata) & (m[0][0].astype(bool) if m else True)
+        out = block.astype(np.float32)
+        out[:, ~ok] = np.nan
+        return out
+
+    x = data.map_blocks(invalid_to_nan, *([mask[None]] if mask is not None else []), dtype=np.float32)
+    h, w = data.shape[1:]
+    ph, pw = -h % d, -w % d
+    if ph or pw:
+        x = da.pad(x, ((0, 0), (0, ph), (0, pw)), constant_values=np.nan)
+    x = x.rechunk((-1, _multiple(x.chunks[1][0], d), _multiple(x.chunks[2][0], d)))
+
+    def nanmean(a: np.ndarray, axis: Any = None) -> np.ndarray:
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: NaN, which is nodata
+            return np.nanmean(a, axis=axis)
+
+    return da.coarsen(nanmean, x, {1: d, 2: d})
+
+
+def _multiple(n: int, d: int) -> int:
+    return max(d, n // d * d)
+
+
+def _expand(a: Any, d: int, shape: tuple[int, int], valid: Any, fill: float) -> Any:
+    """Cells of d x d pixels back on the full grid, nodata where the full-resolution pixel is invalid."""
+    import dask.array as da
+
+    big = a.repeat(d, axis=0).repeat(d, axis=1)[: shape[0], : shape[1]].rechunk(valid.chunks)
+    return da.where(valid, big, np.asarray(fill, dtype=a.dtype))
+
+
+def _grid_of(xarr: Any, shape: tuple[int, int]) -> Grid:
+    """The input's grid (CRS and transform through rioxarray), or a bare pixel grid."""
+    from affine import Affine
+
+    if xarr is not None and _has_rioxarray():
+        try:
+            return Grid(shape, xarr.rio.transform(recalc=False), xarr.rio.crs)
+        except Exception:  # no regular georeferenced grid: nothing to resample by
+            pass
+    return Grid(shape, Affine.identity(), None)
 
 
 def _as_mask(mask: Any, shape: tuple[int, int]) -> Any:
@@ -179,7 +233,7 @@ def segment_graph(data: Any, mask: Any, model_ref: Any, layout: Layout, opts: Ru
 def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | None = None,
             blend: Any = "hann", margin: int | None = None, batch_size: int | None = None,
             bands: list[int] | None = None, confidence: bool = False, nodata: float | None = None,
-            mask: Any = None) -> Any:
+            mask: Any = None, gsd: str | float = "auto", tta: str = "none") -> Any:
     """Lazily segment a (band, y, x) raster of raw values with ``model``.
 
     ``x`` is an ``xarray.DataArray`` (dask-backed or not), a dask array or a
@@ -188,7 +242,11 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
     nodata; NaN is always treated as nodata. ``mask`` is an optional (y, x)
     array (numpy, dask or DataArray), True or non-zero where pixels are
     valid — an alpha band, say: ``mask=da.sel(band=4) > 0``. Tiling options
-    are those of :func:`geoseg.predict`.
+    are those of :func:`geoseg.predict`, ``gsd`` and ``tta`` included
+    (``gsd`` needs a DataArray with a CRS and transform; where the model's
+    ground resolution is far coarser, the array is first averaged over
+    d × d cells, as :func:`geoseg.predict` reads it, and the classes are
+    brought back to the array's own grid).
 
     Returns, for a DataArray, a lazy ``DataArray`` of uint8 classes (dims
     ``y``, ``x``, the input's coordinates, CRS and transform; nodata 255;
@@ -206,21 +264,35 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
             raise ConfigError(f"band {bad[0]} does not exist; the input has bands 1..{c}")
         data = data[[b - 1 for b in bands]]
     net = as_runnable(model)
-    card = net.card
+    shape = tuple(data.shape[1:])
+    nd = _nodata_of(xarr, nodata)
+    m = _as_mask(mask, shape)
+    asked = Tiling(tile_size, overlap, blend, margin, gsd, tta)
+    grid = _grid_of(xarr, shape)
+    runner, tiling, info = adapt(net, asked, grid)
+    d = 1
+    if info["ratio"] is not None and tiling.tile is not None and tiling.tile > MAX_NATIVE_TILE:
+        d = math.ceil(tiling.tile / MAX_NATIVE_TILE)  # average d x d cells first, as predict reads them
+        runner, tiling, _ = adapt(net, replace(asked, gsd=net.card.gsd if gsd == "auto" else gsd),
+                                  decimated_grid(grid, d))
+        full, data, m, nd = data, _coarsen(data, nd, m, d), None, None
+    card = runner.card
     if data.shape[0] != card.in_channels:
         raise BandCountError(
             f"the input has {data.shape[0]} bands but model {card.name!r} expects {card.in_channels}; "
             "pick them with bands=[...]"
         )
-    layout, opts = resolve(card, tuple(data.shape[1:]), Tiling(tile_size, overlap, blend, margin),
-                           batch_size=batch_size or 4, confidence=confidence)
-    nd = _nodata_of(xarr, nodata)
+    layout, opts = resolve(card, tuple(data.shape[1:]), tiling, batch_size=batch_size or 4, confidence=confidence)
     token = dask.base.tokenize(data.name, id(net), layout.tile, layout.overlap, layout.tiles_per_block,
-                               repr(opts), nd)
-    m = _as_mask(mask, tuple(data.shape[1:]))
-    if m is not None:
-        token = dask.base.tokenize(token, m.name)
-    classes, conf = segment_graph(data, m, model if not hasattr(model, "backend") else net, layout, opts, nd, token)
+                               repr(opts), nd, getattr(m, "name", None))
+    ref = runner if runner is not net or hasattr(model, "backend") else model  # a ModelSpec stays a spec
+    classes, conf = segment_graph(data, m, ref, layout, opts, nd, token)
+    if d > 1:
+        valid = full.map_blocks(valid_mask, _nodata_of(xarr, nodata), drop_axis=0, dtype=bool)
+        mask_full = _as_mask(mask, shape)
+        valid = valid if mask_full is None else valid & mask_full.astype(bool)
+        classes, conf = (_expand(a, d, shape, valid, fill) if a is not None else None
+                         for a, fill in ((classes, NODATA), (conf, -1.0)))
     if xarr is None:
         return (classes, conf) if confidence else classes
     return _wrap(xarr, classes, conf, card)

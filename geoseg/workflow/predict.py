@@ -130,21 +130,26 @@ def fingerprint(plan: Plan) -> dict[str, Any]:
 def _open_staging(plan: Plan, resume: bool | None) -> Staging:
     staging = Staging(plan.out)
     fp = json.loads(json.dumps(fingerprint(plan)))  # as it reads back from state.json
-    if staging.exists() and resume is None:
+    worth = staging.exists() and (staging.journal.done() or staging.journal.steps())
+    if worth and resume is None:
         total = plan.layout.blocks[0] * plan.layout.blocks[1]
         n = len(staging.journal.done())
         raise PartialRunError(
             f"{plan.out} has an interrupted run ({n} of {total} blocks done); continue it with --resume, "
             "or start over with --restart", done=n, total=total)
-    if staging.exists() and resume:
+    if worth and resume:
         state = staging.journal.read_state()
         if state is None or state.get("fingerprint") != fp:
             changed = sorted(k for k in fp if (state or {}).get("fingerprint", {}).get(k) != fp[k])
             raise ConfigError(f"the interrupted run in {plan.out} used another input, model or options "
                               f"({', '.join(changed[:4])}); use the same ones, or start over with --restart")
         return staging
-    staging.fresh()
-    staging.journal.start(fp)
+    try:  # nothing worth resuming: start empty
+        staging.fresh()
+        staging.journal.start(fp)
+    except BaseException:
+        staging.discard()
+        raise
     return staging
 
 
