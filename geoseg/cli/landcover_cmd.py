@@ -15,9 +15,10 @@ from .main import one_line_errors
               help="Output file [default: polygons.<format> beside SRC].")
 @click.option("--vector-format", "fmt", default="gpkg", show_default=True,
               help="gpkg, geojson, parquet or fgb.")
-@click.option("--min-area", type=float, help="Sieve regions smaller than this many m² first (in place).")
-@click.option("--simplify", type=float, help="Coverage simplification tolerance in metres.")
-@click.option("--workers", "num_workers", type=int, help="Parallel workers [default: CPU count].")
+@click.option("--min-area", type=click.FloatRange(min=0),
+              help="Sieve regions smaller than this many m² first (in place).")
+@click.option("--simplify", type=click.FloatRange(min=0), help="Coverage simplification tolerance in metres.")
+@click.option("--workers", "num_workers", type=click.IntRange(min=1), help="Parallel workers [default: CPU count].")
 @click.option("--overwrite", is_flag=True)
 @one_line_errors
 def vectorize(src: Path, output: Path | None, fmt: str, min_area: float | None,

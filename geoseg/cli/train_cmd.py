@@ -70,7 +70,7 @@ def val(model: str, card: Path | None, data: Path | None, split: str, scene: Pat
     elif data is not None:
         cm = evaluate_dataset(net, load_dataset_spec(data), split, tile=tile_size, overlap=overlap)
     else:
-        raise ConfigError("give --data D.yaml (with --split) or --scene S.tif --reference R")
+        raise ConfigError("nothing to evaluate; give --data D.yaml (with --split) or --scene S.tif --reference R")
     summary = cm.summary(names)
     table = Table(title=f"mIoU {summary['miou']:.4f}   pixel accuracy {summary['pixel_accuracy']:.4f}")
     table.add_column("class")

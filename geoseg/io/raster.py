@@ -104,7 +104,9 @@ class RasterSource:
         The window may reach past the raster's bottom and right edges; those
         pixels mirror the raster (``numpy.pad(mode="reflect")``). Validity
         combines nodata values, per-dataset masks and alpha (GDAL's dataset
-        mask); a raster with none of those is valid everywhere.
+        mask) with finiteness: a pixel with a NaN or infinite value in any
+        band is invalid (a float raster often marks nodata with NaN without
+        declaring it). A raster with none of those is valid everywhere.
         """
         ds = self._ds()
         h, w = ds.height, ds.width
@@ -119,6 +121,8 @@ class RasterSource:
             valid = np.ones(data.shape[1:], dtype=bool)
         else:
             valid = ds.dataset_mask(window=win) > 0
+        if data.dtype.kind in "fc":
+            valid &= np.isfinite(data).all(axis=0)
         inside = rows.start >= 0 and rows.stop <= h and cols.start >= 0 and cols.stop <= w
         if not inside:
             data = data[:, ridx - r0][:, :, cidx - c0]

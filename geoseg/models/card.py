@@ -9,6 +9,7 @@ the model reads, how it must be tiled (``tile_size``, ``pad_multiple``,
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,11 @@ DEFAULT_COLORS = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
     "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
 )
+
+#: Metadata a card may carry at the top level besides the schema: kept in
+#: ``ModelCard.extra`` and written back unchanged. Any other key is refused
+#: as a likely typo; free-form metadata goes under an ``extra:`` mapping.
+METADATA_KEYS = ("provenance", "metrics", "gsd_note", "notes")
 
 
 @dataclass(frozen=True)
@@ -54,24 +60,26 @@ class ModelCard:
             raise ModelCardError(f"{where}: {len(self.classes)} classes; at most 255 fit a uint8 map")
         if self.bands is not None and len(self.bands) != self.in_channels:
             raise ModelCardError(
-                f"{where}: {len(self.bands)} band names but in_channels={self.in_channels}"
+                f"{where}: {len(self.bands)} band names but in_channels={self.in_channels}; "
+                "give one name per input band"
             )
         for key in ("mean", "std"):
             v = getattr(self, key)
             if v is not None and len(v) != self.in_channels:
                 raise ModelCardError(
-                    f"{where}: '{key}' has {len(v)} values, expected one per band ({self.in_channels})"
+                    f"{where}: '{key}' has {len(v)} values, expected one per band ({self.in_channels}); "
+                    f"fix '{key}'"
                 )
         if self.std is not None and min(self.std) <= 0:
-            raise ModelCardError(f"{where}: 'std' values must be > 0")
+            raise ModelCardError(f"{where}: 'std' has a value <= 0; every std must be > 0")
         if self.colors is not None and len(self.colors) != len(self.classes):
             raise ModelCardError(
-                f"{where}: {len(self.colors)} colors for {len(self.classes)} classes"
+                f"{where}: {len(self.colors)} colors for {len(self.classes)} classes; give one colour per class"
             )
         if self.tile_size <= 0 or self.pad_multiple <= 0 or self.tile_size % self.pad_multiple:
             raise ModelCardError(
                 f"{where}: tile_size {self.tile_size} must be a positive multiple of "
-                f"pad_multiple {self.pad_multiple}"
+                f"pad_multiple {self.pad_multiple}; fix tile_size or pad_multiple in the card"
             )
 
     @property
@@ -89,8 +97,8 @@ class ModelCard:
         """Raw (..., C, H, W) values to float32 model input: ``(raw * input_scale - mean) / std``."""
         x = raw.astype(np.float32, copy=True)
         # one multiply and one subtract: (raw * s - m) / d == raw * (s / d) - m / d
-        d = np.asarray(self.std if self.std is not None else [1.0] * x.shape[0], np.float64)[:, None, None]
-        m = np.asarray(self.mean if self.mean is not None else [0.0] * x.shape[0], np.float64)[:, None, None]
+        d = np.asarray(self.std if self.std is not None else [1.0] * x.shape[-3], np.float64)[:, None, None]
+        m = np.asarray(self.mean if self.mean is not None else [0.0] * x.shape[-3], np.float64)[:, None, None]
         if self.input_scale != 1.0 or self.std is not None:
             x *= (self.input_scale / d).astype(np.float32)
         if self.mean is not None:
@@ -101,7 +109,10 @@ class ModelCard:
         d = dataclasses.asdict(self)
         extra = d.pop("extra")
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if v is not None}
-        out.update(extra)
+        out.update({k: v for k, v in extra.items() if k in METADATA_KEYS})
+        rest = {k: v for k, v in extra.items() if k not in METADATA_KEYS}
+        if rest:
+            out["extra"] = rest
         return out
 
     def save(self, path: str | Path) -> None:
@@ -110,25 +121,33 @@ class ModelCard:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "card") -> ModelCard:
         if not isinstance(data, dict):
-            raise ModelCardError(f"{source}: expected a YAML mapping, got {type(data).__name__}")
+            raise ModelCardError(f"{source}: expected a YAML mapping, got {type(data).__name__}; "
+                                 "write the card as 'key: value' lines")
         d = dict(data)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        extra = d.pop("extra", None) or {}
+        if not isinstance(extra, dict):
+            raise ModelCardError(f"{source}: 'extra' must be a mapping of metadata, got {type(extra).__name__}")
+        for k in d:
+            if k not in known and k not in METADATA_KEYS:
+                raise ModelCardError(f"{source}: {_unknown_key(k, known)}")
         for key in ("name", "classes"):
             if key not in d:
-                raise ModelCardError(f"{source}: missing required key '{key}'")
+                raise ModelCardError(f"{source}: missing required key '{key}'; add it to the card")
         classes = d["classes"]
         if isinstance(classes, dict):  # {id: name}, ids 0..K-1
             try:
                 classes = [classes[i] for i in range(len(classes))]
             except KeyError:
-                raise ModelCardError(f"{source}: 'classes' ids must be 0..K-1") from None
+                raise ModelCardError(f"{source}: 'classes' ids must be 0..K-1; number them from 0 without "
+                                     "gaps") from None
         d["classes"] = classes
         if "in_channels" not in d:
             if "bands" not in d:
                 raise ModelCardError(f"{source}: give 'bands' (names) or 'in_channels'")
             d["in_channels"] = len(d["bands"])
         kwargs: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
+        extra = dict(extra)
         for k, v in d.items():
             if k in known:
                 kwargs[k] = tuple(v) if isinstance(v, list) else v
@@ -149,7 +168,7 @@ class ModelCard:
         except (TypeError, ValueError) as e:
             if isinstance(e, ModelCardError):
                 raise
-            raise ModelCardError(f"{source}: {e}") from None
+            raise ModelCardError(f"{source}: {e}; fix that value in the card") from None
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
@@ -159,8 +178,21 @@ class ModelCard:
         try:
             data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ModelCardError(f"model card {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ModelCardError(f"model card {p} is not valid YAML ({str(e).splitlines()[0]}{where}); "
+                                 "fix its syntax") from None
         return cls.from_dict(data, source=f"model card {p}")
+
+
+def _unknown_key(key: Any, known: set[str]) -> str:
+    """``unknown card key 'tilesize'; did you mean 'tile_size'?`` (or the valid keys)."""
+    valid = sorted(known | set(METADATA_KEYS))
+    near = difflib.get_close_matches(str(key), valid, n=1)
+    if near:
+        return f"unknown card key {str(key)!r}; did you mean {near[0]!r}?"
+    return (f"unknown card key {str(key)!r}; valid keys: {', '.join(valid)} "
+            "(put other metadata under 'extra:')")
 
 
 def _hex_to_rgb(c: str, name: str) -> tuple[int, int, int]:

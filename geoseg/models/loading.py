@@ -108,23 +108,25 @@ def load_model(
     if path.is_dir():
         found = sorted(path.glob("*.onnx")) + sorted(path.glob("*.safetensors"))
         if not found:
-            raise ModelNotFoundError(f"{path} holds no .onnx or .safetensors model")
+            raise ModelNotFoundError(f"{path} holds no .onnx or .safetensors model; pass the model file itself")
         path = found[0]
     if not path.exists():
         names = ", ".join(builtins) or "none installed"
         raise ModelNotFoundError(
-            f"model {str(model)!r} is neither a file nor a built-in model (built-in: {names})"
+            f"model {str(model)!r} is neither a file nor a built-in model; pass a .onnx or .safetensors "
+            f"path, or a built-in name ({names})"
         )
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         backend: Backend = OnnxBackend(path, _card_beside(path, card), device=device, streams=streams)
+        _check_onnx_classes(backend, path)
     elif suffix == ".safetensors":
         backend = _load_safetensors(path, _card_beside(path, card), device=device, amp=amp,
                                     streams=streams, precision=precision)
     elif suffix in (".pt", ".pth", ".ckpt", ".pkl"):
         raise ModelCardError(
-            f"{path.name} is a pickled checkpoint, which can execute code when loaded; "
-            "save the weights as .safetensors with a card (geoseg export) and load that"
+            f"{path.name} is a pickled checkpoint, which can execute code when loaded; save its weights with "
+            "safetensors.torch.save_file(model.state_dict(), ...), put a card beside them and load that"
         )
     else:
         raise ModelNotFoundError(f"{path.name}: unknown model format {suffix!r}; use .onnx or .safetensors")
@@ -138,13 +140,19 @@ def _load_safetensors(path: Path, card: ModelCard, *, device: str, amp: bool | N
 
     from .registry import create_model
 
+    check_safetensors(path)
     if not card.architecture:
         raise ModelCardError(
             f"card for {path.name} has no 'architecture'; add e.g. 'architecture: geoseg-n-sem'"
         )
     module = create_model(card.architecture, num_classes=card.num_classes, in_channels=card.in_channels)
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own untyped errors
+        raise ModelCardError(f"{path.name} is not a valid safetensors file ({str(e).splitlines()[0]}); "
+                             "save the weights again with safetensors.torch.save_file") from None
     own = module.state_dict()
+    _check_card_matches_weights(path, card, own, state)
     state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
     try:
         module.load_state_dict(state, strict=True)
@@ -154,6 +162,76 @@ def _load_safetensors(path: Path, card: ModelCard, *, device: str, amp: bool | N
             f"{card.num_classes} classes and {card.in_channels} bands: {str(e).splitlines()[0]}"
         ) from None
     return TorchBackend(module, card, device=device, amp=amp, streams=streams, precision=precision)
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a file that is not safetensors (a renamed pickle, a zip, an empty file) before reading it.
+
+    A safetensors file starts with the length of its JSON header (8 bytes,
+    little-endian), then the header itself, which starts with ``{``.
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if len(head) == 9 and 0 < n <= size - 8 and head[8:9] == b"{":
+        return
+    if not head:
+        what = "it is empty"
+    elif head[:1] == b"\x80":
+        what = "it is a pickle, which can execute code when loaded"
+    elif head[:4] == b"PK\x03\x04":
+        what = "it is a zip archive (a torch.save checkpoint, which can execute code when loaded)"
+    else:
+        what = "its header is not a safetensors header"
+    raise ModelCardError(
+        f"{path.name} is not a safetensors file: {what}; save the weights with "
+        "safetensors.torch.save_file(model.state_dict(), ...) and load that file"
+    )
+
+
+def _conv_weights(state: dict[str, Any]) -> list[str]:
+    return [k for k, v in state.items() if getattr(v, "ndim", 0) == 4]
+
+
+def _check_card_matches_weights(path: Path, card: ModelCard, own: dict[str, Any], state: dict[str, Any]) -> None:
+    """The card's bands and class count against the first convolution and the class heads of the weights.
+
+    A class head is a convolution that, built from the card, has one output
+    channel per class; the first of them whose saved weights have another
+    count names the model's real number of classes.
+    """
+    convs = [k for k in _conv_weights(own) if k in state and getattr(state[k], "ndim", 0) == 4]
+    if not convs:
+        return
+    first = convs[0]
+    got = int(state[first].shape[1])
+    if got != int(own[first].shape[1]):
+        raise ModelCardError(
+            f"card for {path.name} says in_channels={card.in_channels} but the weights take {got} bands "
+            f"(first convolution {first}); set in_channels (or bands) to {got} in the card"
+        )
+    for k in convs:
+        got = int(state[k].shape[0])
+        if int(own[k].shape[0]) == card.num_classes and got != card.num_classes:
+            raise ModelCardError(
+                f"card for {path.name} lists {card.num_classes} classes but the weights predict {got} "
+                f"(convolution {k}); list {got} class names in the card"
+            )
+
+
+def _check_onnx_classes(backend: Backend, path: Path) -> None:
+    """The card's class count against the ONNX graph's output channels, when the graph fixes them."""
+    session = getattr(backend, "session", None)
+    if session is None:
+        return
+    shape = session.get_outputs()[0].shape
+    k = shape[1] if len(shape) == 4 else None
+    if isinstance(k, int) and k != backend.card.num_classes:
+        raise ModelCardError(
+            f"card for {path.name} lists {backend.card.num_classes} classes but the model outputs {k} "
+            f"channels; list {k} class names in the card"
+        )
 
 
 def default_model() -> str:

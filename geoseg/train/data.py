@@ -69,7 +69,7 @@ class DatasetSpec:
 def load_dataset_spec(path: str | Path) -> DatasetSpec:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"dataset YAML {p} does not exist")
+        raise ConfigError(f"dataset YAML {p} does not exist; check --data")
     d = yaml.safe_load(p.read_text()) or {}
     if "names" not in d:
         raise ConfigError(f"dataset YAML {p}: missing 'names' ({{id: name}})")

@@ -73,10 +73,10 @@ def evaluate_scene(model: Any, scene: str | Path, reference: str | Path | None, 
     """
     model = as_runnable(model)
     if reference is None:
-        raise ConfigError("scene evaluation needs --reference labels.tif or labels.gpkg")
+        raise ConfigError("scene evaluation needs reference labels; pass --reference labels.tif or labels.gpkg")
     ref = Path(reference)
     if not ref.exists():
-        raise ConfigError(f"reference {ref} does not exist")
+        raise ConfigError(f"reference {ref} does not exist; check --reference")
     with open_raster(scene) as ds:
         grid = Grid.from_rio(ds)
         bands = data_bands(ds)
