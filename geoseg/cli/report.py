@@ -13,15 +13,28 @@ def progress_bar(quiet: bool, label: str) -> Iterator[Callable[[int, int], None]
     if quiet:
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("blocks"), TimeElapsedColumn(), transient=True) as bar:
+                  TextColumn("blocks"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                  transient=True) as bar:
         task = bar.add_task(label, total=None)
 
         def update(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
+        def step(name: str) -> None:  # the steps after the blocks: one line each
+            bar.update(task, description=name)
+            bar.console.print(f"[dim]{name}[/]")
+
+        update.step = step  # type: ignore[attr-defined]
         yield update
 
 
@@ -58,10 +71,26 @@ def area_summary(table: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"Class areas (valid area {table.area_m2.sum() / 1e4:,.2f} ha)")
+    t = Table(title=f"Class areas (valid area {_ha(table.area_m2.sum() / 1e4)} ha)")
     for col in ("id", "class", "pixels", "m²", "ha", "% of valid"):
-        t.add_column(col, justify="left" if col == "class" else "right")
+        t.add_column(col, justify="left" if col == "class" else "right", no_wrap=col != "class")
     for r in table.rows():
-        t.add_row(str(r["class_id"]), r["class_name"], f"{r['pixels']:,}", f"{r['area_m2']:,.1f}",
-                  f"{r['area_ha']:,.3f}", f"{r['percent']:.2f}")
+        t.add_row(str(r["class_id"]), r["class_name"], f"{r['pixels']:,}", _m2(r["area_m2"]),
+                  _ha(r["area_ha"]), f"{r['percent']:.2f}")
     Console().print(t)
+
+
+def _ha(v: float) -> str:
+    """Hectares readable at any size: 3 significant digits below 10 ha, whole hectares above 10,000."""
+    if v == 0:
+        return "0"
+    if v < 10:
+        return f"{v:.3g}"
+    return f"{v:,.0f}" if v >= 10_000 else f"{v:,.1f}"
+
+
+def _m2(v: float) -> str:
+    """Square metres, switching to km² where the figure would not fit an 80-column table."""
+    if v >= 1e7:
+        return f"{v / 1e6:,.1f} km²"
+    return f"{v:,.1f}" if v < 100 else f"{v:,.0f}"

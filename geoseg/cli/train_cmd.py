@@ -21,9 +21,18 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool) -> None:
     from ..train.loop import train as run
     from ..train.recipe import Recipe
 
+    # paths given on the command line are where the user stands, not beside the recipe
+    overrides = tuple(_from_cwd(o) for o in overrides)
     r = load_recipe(Recipe, recipe, list(overrides))
     summary = run(r, recipe_dir=recipe.resolve().parent, resume=resume, log=click.echo)
     click.echo(json.dumps(summary, indent=2))
+
+
+def _from_cwd(override: str) -> str:
+    key, sep, value = override.partition("=")
+    if sep and key.strip() in ("train.output", "train.init") and value and not Path(value).is_absolute():
+        return f"{key}={Path.cwd() / value}"
+    return override
 
 
 @click.command()

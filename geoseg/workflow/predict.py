@@ -94,9 +94,11 @@ def predict(src: str | Path, output: str | Path | None = None, *, model: Any, ca
         t_setup = time.perf_counter()
         counts = _inference_step(plan, staging, progress)
         t_infer = time.perf_counter()
+        _step(progress, "Polygons and area statistics" if outputs.polygons else "Area statistics")
         vec, areas = stages.post(plan, staging.dir, staging.journal)
         t_post = time.perf_counter()
         if outputs.quicklook:
+            _step(progress, "Quicklook")
             stages.quicklook(plan, staging.dir)
         t_end = time.perf_counter()
         timings = {"setup_s": t_setup - t0, "inference_s": t_infer - t_setup - counts.cog_s, "cog_s": counts.cog_s,
@@ -111,6 +113,13 @@ def predict(src: str | Path, output: str | Path | None = None, *, model: Any, ca
     return PredictResult(out, {n: out / n for n in names if (out / n).exists()}, list(plan.net.card.classes),
                          counts.histogram, counts.tiles_run, counts.tiles_skipped, t_end - t0, timings, areas,
                          counts.transfers)
+
+
+def _step(progress: Any, name: str) -> None:
+    """Tell a progress callback that has a ``step(name)`` attribute which step starts."""
+    step = getattr(progress, "step", None)
+    if step is not None:
+        step(name)
 
 
 def fingerprint(plan: Plan) -> dict[str, Any]:
