@@ -178,9 +178,12 @@ CASES = [
     # --- stats
     Case("stats-missing", "stats {tmp}/missing.tif -o {out}", "does not exist"),
     Case("stats-not-class-raster", "stats {scene} -o {out}", "not a class raster"),
-    Case("stats-zones-raster", "stats {out}/classes.tif -o {out} --zones {scene}", "vector file", prev=True),
-    Case("stats-zones-missing", "stats {out}/classes.tif -o {out} --zones {tmp}/z.gpkg", "zones file", prev=True),
-    Case("stats-zone-field", "stats {out}/classes.tif -o {out} --zones {zones} --zone-field owner",
+    Case("stats-exists", "stats {out}/classes.tif -o {out}", "already exists", prev=True),
+    Case("stats-zones-raster", "stats {out}/classes.tif -o {out} --zones {scene} --overwrite", "vector file",
+         prev=True),
+    Case("stats-zones-missing", "stats {out}/classes.tif -o {out} --zones {tmp}/z.gpkg --overwrite", "zones file",
+         prev=True),
+    Case("stats-zone-field", "stats {out}/classes.tif -o {out} --zones {zones} --zone-field owner --overwrite",
          "no field 'owner'", prev=True),
     Case("stats-no-crs", "stats {nocrs_classes} -o {out}", "no CRS"),
     # --- val

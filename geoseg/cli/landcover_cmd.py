@@ -45,14 +45,19 @@ def vectorize(src: Path, output: Path | None, fmt: str, min_area: float | None,
 @click.option("--zones", type=click.Path(dir_okay=False, path_type=Path),
               help="Polygons (fields, parcels) for per-zone areas.")
 @click.option("--zone-field", help="Zone name attribute [default: the feature index].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing stats.csv / stats.json.")
 @one_line_errors
-def stats(src: Path, output: Path | None, zones: Path | None, zone_field: str | None) -> None:
+def stats(src: Path, output: Path | None, zones: Path | None, zone_field: str | None, overwrite: bool) -> None:
     """Per-class pixels, m², ha and % of the valid area (exact; geodesic for lon/lat)."""
+    from ..errors import OutputExistsError
     from ..post.landcover import area_stats, write_stats
     from .report import area_summary
 
-    table = area_stats(src, zones=zones, zone_field=zone_field)
     out = output or src.parent
+    existing = [n for n in ("stats.csv", "stats.json") if (out / n).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{out / existing[0]} already exists; pass --overwrite or choose another -o")
+    table = area_stats(src, zones=zones, zone_field=zone_field)
     out.mkdir(parents=True, exist_ok=True)
     write_stats(table, out, source=str(src))
     area_summary(table)

@@ -126,6 +126,14 @@ def _reference_reader(ref: Path, grid: Grid, class_field: str | None, mapping: d
     if grid.crs is not None and gdf.crs is not None and gdf.crs != grid.crs:
         gdf = gdf.to_crs(grid.crs)
     ids = label_ids(gdf[class_field], mapping, names)
+    dropped = sorted({str(v) for v, i in zip(gdf[class_field], ids) if i == IGNORE and mapping.get(v) != IGNORE
+                      and mapping.get(str(v)) != IGNORE})
+    if dropped:
+        import warnings
+
+        warnings.warn(f"reference values {', '.join(dropped[:8])}{' …' if len(dropped) > 8 else ''} match no "
+                      f"class of the model ({', '.join(names)}) and are ignored; map them with --label-map "
+                      "VALUE=CLASS (or VALUE=255 to ignore them silently)", UserWarning, stacklevel=2)
     shapes = [(g, i) for g, i in zip(gdf.geometry, ids) if i != IGNORE and g is not None]
 
     def read_vector(rows: slice, cols: slice) -> np.ndarray:
