@@ -49,15 +49,25 @@ class _Wrapper:
         self.inner = inner
         self.card = inner.card
         self.device = getattr(inner, "device", "cpu")
-        self.streams = getattr(inner, "streams", 1)
-        self.threads = getattr(inner, "threads", 0)
         self.precision = getattr(inner, "precision", "fp32")
         self.spec = getattr(inner, "spec", None)
+
+    @property
+    def streams(self) -> int:
+        return int(getattr(self.inner, "streams", 1))
+
+    @property
+    def threads(self) -> int:
+        return int(getattr(self.inner, "threads", 0))
+
+    @property
+    def _slots(self) -> Any:
+        return getattr(self.inner, "_slots", None) or _nothing()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         import torch
 
-        with self.inner._slots if hasattr(self.inner, "_slots") else _nothing():
+        with self._slots:
             if self.threads and torch.get_num_threads() != self.threads:
                 torch.set_num_threads(self.threads)
             with torch.inference_mode():

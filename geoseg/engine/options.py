@@ -131,7 +131,7 @@ class RunOptions:
 
 
 def resolve(card: Any, shape: tuple[int, int], tiling: Tiling, *, batch_size: int,
-            confidence: bool = False, grid: Grid | None = None) -> tuple[Layout, RunOptions]:
+            confidence: bool = False, grid: Grid | None = None, block_target: int = 1024) -> tuple[Layout, RunOptions]:
     """One resolution of the tiling options for ``card`` over a grid of ``shape`` (rows, cols).
 
     Checks the tile against the card (fixed-size models, ``MAX_TILE``),
@@ -151,7 +151,7 @@ def resolve(card: Any, shape: tuple[int, int], tiling: Tiling, *, batch_size: in
     from affine import Affine
 
     layout = Layout.create(grid or Grid(shape, Affine.identity()), tile=tile, overlap=ov,
-                           pad_multiple=card.pad_multiple)
+                           pad_multiple=card.pad_multiple, block_target=block_target)
     opts = RunOptions(layout.tile, layout.overlap, tiling.blend, batch_size, confidence, tiling.margin)
     opts.window()  # validate the blend and margin before any work
     return layout, opts

@@ -121,6 +121,10 @@ class Backend:
         self.streams, self.threads = cpu_streams(streams, self.device)
         self._slots = threading.BoundedSemaphore(self.streams)
 
+    def set_streams(self, streams: int) -> None:
+        """Run ``streams`` forward passes at once from now on (CPU: ``cores // streams`` threads each)."""
+        self._set_streams(streams)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 (B, C, H, W) -> float32 logits (B, K, H, W)."""
         with self._slots:
@@ -207,13 +211,9 @@ class OnnxBackend(Backend):
         if use_cuda:
             dev_id = int(want.split(":")[1]) if ":" in want else 0
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": dev_id}))
+        self._providers = providers
+        self._sessions: dict[int, Any] = {}
         self._set_streams(streams)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads or available_cores()
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
-        except Exception as e:  # onnxruntime raises its own untyped errors
-            raise ModelCardError(f"{self.path} is not a loadable ONNX model: {str(e).splitlines()[0]}") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         c, h, w = inp.shape[1:4]
@@ -227,6 +227,23 @@ class OnnxBackend(Backend):
                 f"{self.path.name} has a fixed input of {h}x{w} but its card says "
                 f"tile_size={card.tile_size}; set tile_size: {h} in the card"
             )
+
+    @property
+    def session(self) -> Any:
+        """The session for the current thread count (one per count, made when first needed)."""
+        import onnxruntime as ort
+
+        n = self.threads or available_cores()
+        if n not in self._sessions:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = n
+            try:
+                self._sessions[n] = ort.InferenceSession(str(self.path), sess_options=so, providers=self._providers)
+            except Exception as e:  # onnxruntime raises its own untyped errors
+                raise ModelCardError(
+                    f"{self.path} is not a loadable ONNX model: {str(e).splitlines()[0]}; export it again"
+                ) from None
+        return self._sessions[n]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         import torch

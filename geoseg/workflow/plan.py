@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.adapters import MAX_NATIVE_TILE, AdaptedSpec, adapt
+from ..engine.calibrate import MIN_TILES, block_target, calibrate
 from ..engine.options import Compute, RunOptions, Tiling, resolve
 from ..errors import ConfigError, OutputExistsError
 from ..geometry.grid import Grid, Layout
@@ -24,8 +25,11 @@ from ..io.raster import RasterSource, data_bands, open_raster
 from ..io.resampled import DecimatedSource, decimated_grid
 from ..io.staging import check_output_dir
 from ..io.vector import vector_format
-from ..models.backends import Backend, TorchBackend, auto_batch_size
+from ..models.backends import Backend, TorchBackend, auto_batch_size, available_cores
 from ..models.loading import ModelSpec, load_model
+
+#: Calibration times the model on tiles of at most this side (the model's own tile when resampling).
+MAX_TILE_CALIBRATION = 1024
 
 #: Every file a run may write, so that an --overwrite run never leaves a file of an older run beside its own.
 ALL_OUTPUTS = ("classes.tif", "classes.tif.aux.xml", "classes.qml", "confidence.tif", "stats.csv", "stats.json",
@@ -153,8 +157,17 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
     mc = runner.card
     bs = compute.batch_size or auto_batch_size(net.device, net.card.tile_size if tiling.tile is None else
                                                min(tiling.tile, net.card.tile_size), mc.in_channels)
-    layout, opts = resolve(mc, work.shape, tiling, batch_size=bs, confidence=outputs.confidence, grid=work)
     engine = _engine(compute, net)
+    local = compute.scheduler in (None, "threads", "local", "sync")
+    cpu = engine == "blocks" and local and net.device == "cpu"
+    workers = compute.num_workers or (available_cores() + 1)
+    target = block_target(work.shape, workers) if cpu else 1024
+    layout, opts = resolve(mc, work.shape, tiling, batch_size=bs, confidence=outputs.confidence, grid=work,
+                           block_target=target)
+    if cpu and compute.streams is None and not isinstance(model, Backend) and \
+            layout.tiles[0] * layout.tiles[1] >= MIN_TILES:
+        tile = layout.tile if adapted["ratio"] is None else runner.model_tile
+        adapted["calibration"] = calibrate(net, min(tile, MAX_TILE_CALIBRATION), bs)
     model_ref: Any = runner
     if compute.scheduler not in (None, "threads", "local", "sync"):
         spec = getattr(net, "spec", None)
