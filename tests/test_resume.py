@@ -1,0 +1,119 @@
+"""A `geoseg predict` killed with SIGKILL resumes to the same outputs and leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyogrio
+import pytest
+
+from .conftest import smooth_image, write_raster
+
+GEOSEG = [sys.executable, "-m", "geoseg"]
+
+
+def _predict(scene: Path, out: Path, model: Path, *extra: str) -> subprocess.Popen:
+    cmd = [*GEOSEG, "predict", str(scene), "-o", str(out), "--model", str(model), "--device", "cpu",
+           "--tile-size", "64", "--workers", "2", "--streams", "2", "--confidence", "-q", *extra]
+    tmp = scene.parent / "tmp"  # spill files of the polygon step land here
+    tmp.mkdir(exist_ok=True)
+    # a session of its own: its process group is everything the run started
+    return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp)})
+
+
+def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before the kill point: {proc.stderr.read()[-2000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail("the kill point was not reached in time")
+        time.sleep(0.02)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _kill_and_check_no_survivors(proc: subprocess.Popen) -> None:
+    pgid = os.getpgid(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # the main process only: whatever it started must follow it
+    proc.wait()
+    t0 = time.time()
+    while _group_alive(pgid) and time.time() - t0 < 10:
+        time.sleep(0.05)
+    alive = _group_alive(pgid)
+    if alive:
+        os.killpg(pgid, signal.SIGKILL)
+    assert not alive, "processes of the killed run survived it"
+
+
+def _outputs(out: Path) -> dict:
+    polys = pyogrio.read_dataframe(out / "polygons.gpkg", layer="landcover")
+    polys = polys.sort_values(["class_id", "area_m2"]).reset_index(drop=True)
+    return {"classes": (out / "classes.tif").read_bytes(), "confidence": (out / "confidence.tif").read_bytes(),
+            "stats": (out / "stats.csv").read_text(), "polygons": len(polys),
+            "areas": np.round(polys["area_m2"].to_numpy(), 6).tolist(),
+            "wkb": sorted(polys.geometry.to_wkb())}
+
+
+@pytest.mark.slow
+def test_sigkill_during_inference_and_polygons_then_resume(tmp_path, yolo_checkpoint):
+    scene = write_raster(tmp_path / "scene.tif", smooth_image((3, 1400, 1500), seed=21))
+    env_ok = _predict(scene, tmp_path / "ref", yolo_checkpoint)
+    assert env_ok.wait() == 0, env_ok.stderr.read()
+    ref = _outputs(tmp_path / "ref")
+
+    # 1. killed during inference, after some blocks were saved
+    out = tmp_path / "a"
+    blocks = tmp_path / ".a.geoseg-partial" / "blocks"
+    proc = _predict(scene, out, yolo_checkpoint)
+    _wait_for(lambda: blocks.is_dir() and len(list(blocks.glob("*.classes.npy"))) >= 2, proc)
+    _kill_and_check_no_survivors(proc)
+    assert not out.exists()
+    again = subprocess.run([*GEOSEG, "predict", str(scene), "-o", str(out), "--model", str(yolo_checkpoint),
+                            "--device", "cpu", "--tile-size", "64", "-q"], capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    resumed = _predict(scene, out, yolo_checkpoint, "--resume")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert _outputs(out) == ref
+
+    # 2. killed during polygons (inference finished and recorded)
+    out = tmp_path / "b"
+    state = tmp_path / ".b.geoseg-partial" / "state.json"
+
+    def inference_done() -> bool:
+        try:
+            return "inference" in json.loads(state.read_text()).get("steps", [])
+        except (OSError, ValueError):
+            return False
+
+    def polygonizing() -> bool:  # inference recorded and the polygon worker processes running
+        return inference_done() and len(psutil.Process(proc.pid).children()) >= 2
+
+    proc = _predict(scene, out, yolo_checkpoint)
+    _wait_for(polygonizing, proc)
+    killed = proc.pid
+    _kill_and_check_no_survivors(proc)
+    assert not out.exists()
+    assert list((tmp_path / "tmp").glob(f"geoseg-pieces-{killed}-*"))  # left behind by the kill
+    resumed = _predict(scene, out, yolo_checkpoint, "--resume")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert _outputs(out) == ref
+    # the killed run's spill file of polygon pieces was reclaimed by the next run
+    assert not list((tmp_path / "tmp").glob(f"geoseg-pieces-{killed}-*"))
+    assert not (tmp_path / ".b.geoseg-partial").exists()
