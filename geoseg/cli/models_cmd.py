@@ -23,8 +23,8 @@ def models() -> None:
         return
     table = Table(title="Built-in models")
     table.add_column("name", no_wrap=True)
-    for col in ("classes", "bands", "GSD (m)", "held-out mIoU", "pixel acc."):
-        table.add_column(col)
+    for col in ("classes", "bands", "GSD (m)", "GSD range (m)", "held-out mIoU", "pixel acc."):
+        table.add_column(col, no_wrap=col not in ("classes", "bands"))
     notes = []
     for name, path in found.items():
         c = ModelCard.load(path)
@@ -32,8 +32,12 @@ def models() -> None:
         m: dict = found_metrics if isinstance(found_metrics, dict) else {}
         miou, acc = m.get("miou"), m.get("pixel_accuracy")
         table.add_row(name, ", ".join(c.classes), ", ".join(c.bands or [str(c.in_channels)]),
-                      f"{c.gsd:g}" if c.gsd else "-", f"{miou:.3f}" if miou is not None else "-",
+                      f"{c.gsd:g}" if c.gsd else "-",
+                      "-" if not c.gsd_range else f"{c.gsd_range[0]:g}-{c.gsd_range[1]:g}",
+                      f"{miou:.3f}" if miou is not None else "-",
                       f"{acc:.3f}" if acc is not None else "-")
+        if c.imagery:
+            notes.append(f"{name}: trained on {c.imagery}")
         if isinstance(m.get("iou"), dict):
             per = ", ".join(f"{k} {v:.3f}" for k, v in m["iou"].items() if v is not None)
             notes.append(f"{name}: IoU on the {m.get('split', 'held-out')} split of {m.get('dataset', '?')}: {per}")

@@ -47,6 +47,8 @@ class ModelCard:
     pad_multiple: int = 32
     fixed_size: bool = False
     gsd: float | None = None  # metres per pixel the model was trained at
+    gsd_range: tuple[float, ...] | None = None  # (min, max) metres per pixel seen in training
+    imagery: str | None = None  # the kind of imagery it was trained on (sensor, platform, bands)
     architecture: str | None = None
     description: str = ""
     license: str | None = None
@@ -157,9 +159,11 @@ class ModelCard:
             for k in ("input_scale", "gsd"):
                 if kwargs.get(k) is not None:
                     kwargs[k] = float(kwargs[k])
-            for k in ("mean", "std"):
+            for k in ("mean", "std", "gsd_range"):
                 if kwargs.get(k) is not None:
                     kwargs[k] = tuple(float(x) for x in kwargs[k])
+            if kwargs.get("gsd_range") is not None and len(kwargs["gsd_range"]) != 2:
+                raise ModelCardError(f"{source}: 'gsd_range' must be [min, max] metres per pixel")
             for k in ("tile_size", "pad_multiple", "in_channels"):
                 if k in kwargs:
                     kwargs[k] = int(kwargs[k])
