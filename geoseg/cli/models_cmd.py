@@ -21,10 +21,10 @@ def models() -> None:
     if not found:
         click.echo("No built-in models are installed; pass --model PATH to a .onnx or .safetensors model.")
         return
-    table = Table(title="Built-in models")
-    table.add_column("name", no_wrap=True)
-    for col in ("classes", "bands", "GSD (m)", "GSD range (m)", "held-out mIoU", "pixel acc."):
-        table.add_column(col, no_wrap=col not in ("classes", "bands"))
+    table = Table(title="Built-in models (GSD: ground resolution trained at; mIoU, acc.: held-out)")
+    table.add_column("name", overflow="fold", max_width=14)
+    for col in ("classes", "bands", "GSD m", "range m", "mIoU", "acc."):
+        table.add_column(col, no_wrap=col not in ("classes", "bands"), min_width=10 if col == "classes" else None)
     notes = []
     for name, path in found.items():
         c = ModelCard.load(path)
