@@ -74,6 +74,9 @@ class _Wrapper:
                 t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
                 return self.forward_tensor(t).cpu().numpy()
 
+    def forward_tensor(self, x: Any) -> Any:  # pragma: no cover - every wrapper has its own
+        raise NotImplementedError
+
     def _inner_forward(self, x: Any) -> Any:
         import torch
 
@@ -105,14 +108,14 @@ class TestTimeAugmented(_Wrapper):
     def forward_tensor(self, x: Any) -> Any:
         import torch
 
-        out = None
+        out: Any = 0
         for k, flip in self.transforms:
             xt = torch.rot90(x, k, dims=(-2, -1))
             xt = torch.flip(xt, dims=(-1,)) if flip else xt
             y = self._inner_forward(xt.contiguous())
             y = torch.flip(y, dims=(-1,)) if flip else y
             y = torch.rot90(y, -k, dims=(-2, -1))
-            out = y if out is None else out + y
+            out = out + y
         return out / len(self.transforms)
 
 
@@ -253,7 +256,7 @@ class AdaptedSpec:
     def load(self) -> Any:
         from ..models.loading import cached_model
 
-        runner = cached_model(self.spec)
+        runner: Any = cached_model(self.spec)
         if self.tta != "none":
             runner = TestTimeAugmented(runner, self.tta)
         if self.ratio is not None:

@@ -82,7 +82,7 @@ def _as_dask(x: Any) -> tuple[Any, Any]:
     try:
         import xarray as xr
     except ImportError:  # pragma: no cover - xarray is a dependency
-        xr = None
+        xr = None  # type: ignore[assignment]
     if xr is not None and isinstance(x, xr.DataArray):
         if x.ndim == 2:
             x = x.expand_dims("band")
@@ -219,7 +219,7 @@ def segment_graph(data: Any, mask: Any, model_ref: Any, layout: Layout, opts: Ru
             cnf[(fname, i, j)] = (_confidence, (bname, i, j))
     chunks = layout.chunks()
     base = HighLevelGraph.from_collections(bname, blocks, dependencies=deps)
-    layers = dict(base.layers)
+    layers: dict[str, Any] = dict(base.layers)
     dependencies = dict(base.dependencies)
     layers[cname], dependencies[cname] = cls, {bname}
     classes = da.Array(HighLevelGraph(layers, dependencies), cname, chunks=chunks, dtype=np.uint8)
@@ -273,7 +273,7 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
     d = 1
     if info["ratio"] is not None and tiling.tile is not None and tiling.tile > MAX_NATIVE_TILE:
         d = math.ceil(tiling.tile / MAX_NATIVE_TILE)  # average d x d cells first, as predict reads them
-        runner, tiling, _ = adapt(net, replace(asked, gsd=net.card.gsd if gsd == "auto" else gsd),
+        runner, tiling, _ = adapt(net, replace(asked, gsd=float(net.card.gsd or 0) if gsd == "auto" else gsd),
                                   decimated_grid(grid, d))
         full, data, m, nd = data, _coarsen(data, nd, m, d), None, None
     card = runner.card

@@ -13,7 +13,8 @@ def hex_color(rgb: tuple[int, int, int]) -> str:
     """``(r, g, b)`` 0-255 as ``#rrggbb``."""
     from matplotlib.colors import to_hex
 
-    return to_hex(tuple(v / 255 for v in rgb))
+    r, g, b = (v / 255 for v in rgb)
+    return to_hex((r, g, b))
 
 
 def paletted_raster_qml(classes: list[str], palette: list[tuple[int, int, int]]) -> str:

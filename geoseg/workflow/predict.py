@@ -54,7 +54,7 @@ def default_output(src: str | Path) -> Path:
 
 @bounded_gdal_cache
 def predict(src: str | Path, output: str | Path | None = None, *, model: Any, card: str | Path | None = None,
-            bands: Sequence[int] | None = None, tiling: Tiling | None = None, compute: Compute | None = None,
+            bands: Sequence[int | str] | None = None, tiling: Tiling | None = None, compute: Compute | None = None,
             outputs: Outputs | None = None, resume: bool | None = None,
             progress: Callable[[int, int], None] | None = None, **options: Any) -> PredictResult:
     """Segment a raster of any size into ``output`` (default ``<stem>_geoseg``).
@@ -165,7 +165,7 @@ def _open_staging(plan: Plan, resume: bool | None) -> Staging:
 def _inference_step(plan: Plan, staging: Staging, progress: Callable[[int, int], None] | None) -> Any:
     journal = staging.journal
     if "inference" in journal.steps():
-        saved = dict(journal.read_state()["counts"])
+        saved = dict((journal.read_state() or {})["counts"])
         saved["histogram"] = np.asarray(saved["histogram"], np.int64)
         return stages.Counts(**saved)
     counts = stages.inference(plan, staging.dir, progress, journal)
