@@ -149,8 +149,8 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
     if adapted["ratio"] is not None and tiled.tile is not None and tiled.tile > MAX_NATIVE_TILE:
         d = math.ceil(tiled.tile / MAX_NATIVE_TILE)  # read d x d-pixel cells: tiles stay small
         work = decimated_grid(grid, d)
-        runner, tiled, adapted = adapt(net, replace(tiling, gsd=tiling.gsd if tiling.gsd != "auto" else float(net.card.gsd or 0)),
-                                       work)
+        target = tiling.gsd if tiling.gsd != "auto" else float(net.card.gsd or 0)
+        runner, tiled, adapted = adapt(net, replace(tiling, gsd=target), work)
     adapted["decimation"] = d
     adapted["gsd"] = tiling.gsd
     tiling = tiled
