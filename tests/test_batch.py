@@ -221,6 +221,7 @@ def test_sources_paths_globs_lists_and_stac(tmp_path, monkeypatch):
     assert unique_ids(["a b", "a_b", "A_B", "..", "x"]) == ["a_b", "a_b-2", "A_B-3", "scene", "x"]
 
 
+@pytest.mark.slow
 def test_bad_scheduler_addresses_are_one_line(tmp_path):
     scene = crop(ORTHO, tmp_path / "s.tif", Window(0, 0, 64, 64))
     r = batch([str(scene), "-o", str(tmp_path / "out"), "--scheduler", "not an address", *CLI])

@@ -35,6 +35,7 @@ def test_help_is_instant_and_does_not_import_torch():
     assert time.perf_counter() - t < 10  # generous: a process start, never a torch import
 
 
+@pytest.mark.slow
 def test_predict_writes_every_output(tmp_path, rgb_raster, checkpoint_args):
     out = tmp_path / "out"
     r = geoseg("predict", str(rgb_raster), "-o", str(out), "--confidence", *checkpoint_args)
@@ -54,6 +55,7 @@ def test_predict_writes_every_output(tmp_path, rgb_raster, checkpoint_args):
     assert 'label="y"' in (out / "classes.qml").read_text()
 
 
+@pytest.mark.slow
 def test_default_output_dir_is_stem_geoseg(tmp_path, rgb_raster, checkpoint_args):
     r = geoseg("predict", str(rgb_raster), "-q", *checkpoint_args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -69,6 +71,7 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
         assert n in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_bad_inputs_get_one_line_errors(tmp_path, rgb_raster, checkpoint_args):
     out = str(tmp_path / "o")
     one_line_error(geoseg("predict", str(tmp_path / "missing.tif"), "-o", out, *checkpoint_args),
@@ -100,6 +103,7 @@ def test_bands_option_selects_bands(tmp_path, checkpoint_args):
     assert run["options"]["bands"] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_interrupted_run_publishes_nothing_and_resumes(tmp_path, yolo_checkpoint):
     import geoseg
     from geoseg.errors import PartialRunError

@@ -10,20 +10,34 @@ from .conftest import smooth_image, write_raster
 
 
 @pytest.mark.slow
-def test_cluster_result_equals_local_result(tmp_path, yolo_checkpoint):
+def test_cluster_result_equals_local_result(tmp_path, yolo_checkpoint, monkeypatch):
+    import dask
     from distributed import Client, LocalCluster
 
-    scene = write_raster(tmp_path / "scene.tif", smooth_image((3, 520, 610), seed=9))
+    from geoseg.geometry.grid import Layout
+
+    # Blocks of 480 px (a block target of 512 instead of 1024): a wavefront of 2 x 3 blocks, in
+    # which (0, 1) and (1, 0), then (0, 2) and (1, 1), can run at the same time. dask first queues
+    # a block on the worker holding its inputs; the other, idle worker then steals it, as blocks
+    # take far longer than moving their strips. The layout is made here and shipped with the tasks.
+    create = Layout.create.__func__
+    monkeypatch.setattr(Layout, "create", classmethod(
+        lambda cls, grid, **kw: create(cls, grid, **{**kw, "block_target": 512})))
+    scene = write_raster(tmp_path / "scene.tif", smooth_image((3, 960, 1440), seed=9))
     local = geoseg.predict(scene, tmp_path / "local", model=yolo_checkpoint, device="cpu",
                            confidence=True)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
+    with dask.config.set({"distributed.scheduler.work-stealing-interval": "10ms"}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                         dashboard_address=None) as cluster, Client(cluster) as client:
+        client.get_task_stream()  # the scheduler records every task from now on
         remote = geoseg.predict(scene, tmp_path / "cluster", model=str(yolo_checkpoint), device="cpu",
                                 scheduler=cluster.scheduler_address, confidence=True)
-        with Client(cluster) as client:
-            # both workers took part: each one loaded the model from its path
-            logs = client.run(lambda: len(__import__("geoseg.models.loading", fromlist=["x"])._PROCESS_CACHE))
-            assert sum(logs.values()) >= 1
+        blocks = [t for t in client.get_task_stream() if str(t["key"]).startswith("geoseg-block-")]
+        models = client.run(lambda: len(__import__("geoseg.models.loading", fromlist=["x"])._PROCESS_CACHE))
+        workers = set(client.scheduler_info()["workers"])
+    assert len(blocks) == 6
+    assert len(workers) == 2 and {t["worker"] for t in blocks} == workers, "both workers ran blocks"
+    assert sorted(models.values()) == [1, 1], "each worker loaded the model from its path, once"
     # Worker processes run torch with one thread (dask sets OMP_NUM_THREADS=1), this process with
     # all cores: convolutions then round differently in the last bits, which can flip near-ties of
     # this untrained model. Everything else must be identical.

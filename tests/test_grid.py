@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 from affine import Affine
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geoseg.errors import ConfigError
@@ -32,29 +32,36 @@ def test_tile_origins_reach_the_far_edge():
 @given(n=st.integers(1, 60), lo=st.integers(-200, 200), span=st.integers(1, 300))
 def test_reflect_index_matches_numpy_pad(n, lo, span):
     hi = lo + span
-    if lo < 0:
-        return  # windows never start before the raster
+    before, after = max(0, -lo), max(0, hi - n)  # reflect on either side, as often as needed
     v = np.arange(n)
-    pad = max(0, hi - n)
-    if n == 1:
-        ref = np.zeros(hi, int)
-    else:
-        ref = np.pad(v, (0, pad), mode="reflect")
-    assert np.array_equal(reflect_index(np.arange(lo, hi), n), ref[lo:hi])
+    ref = np.zeros(before + n + after, int) if n == 1 else np.pad(v, (before, after), mode="reflect")
+    assert np.array_equal(reflect_index(np.arange(lo, hi), n), ref[lo + before : hi + before])
+
+
+@st.composite
+def valid_layouts(draw):
+    """(tile, overlap, pad_multiple, the stride it must get): valid by construction.
+
+    The stride is a multiple of ``p`` of at least half the tile; ``overlap``
+    is drawn so that rounding the stride down to a multiple of ``p`` lands on it.
+    """
+    p = draw(st.sampled_from([1, 8, 32]))
+    tile = draw(st.integers(2, 12)) * 32
+    stride = p * draw(st.integers(-(-tile // (2 * p)), tile // p))
+    slack = draw(st.integers(0, min(p - 1, tile - stride)))
+    return tile, tile - stride - slack, p, stride
 
 
 @settings(max_examples=150, deadline=None)
 @given(
-    h=st.integers(1, 1500), w=st.integers(1, 1500),
-    p=st.sampled_from([1, 8, 32]), tile_k=st.integers(2, 12), ov_frac=st.floats(0, 0.45),
+    h=st.integers(1, 1500), w=st.integers(1, 1500), params=valid_layouts(),
     target=st.sampled_from([256, 700, 2048]),
 )
-def test_blocks_partition_the_grid_and_tiles_cover_it(h, w, p, tile_k, ov_frac, target):
-    tile = tile_k * 32
-    overlap = int(tile * ov_frac)
-    assume(tile - ((tile - overlap) // p) * p <= tile / 2)  # else a ConfigError, tested below
+def test_blocks_partition_the_grid_and_tiles_cover_it(h, w, params, target):
+    tile, overlap, p, stride = params
     layout = Layout.create(Grid((h, w), T0), tile=tile, overlap=overlap,
                            pad_multiple=p, block_target=target)
+    assert layout.stride == stride and layout.tile == tile and layout.overlap == tile - stride
     assert layout.stride % p == 0 and layout.block % 16 == 0
     blocks = np.zeros((h, w), np.int32)
     tiles = np.zeros((h, w), np.int32)

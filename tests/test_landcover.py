@@ -40,6 +40,7 @@ def class_raster(tmp_path, *, nodata=True, crs="EPSG:32640", transform=UTM):
     return path, m
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers,task_vertices", [(1, None), (2, None), (2, 1)])
 def test_blockwise_polygons_equal_whole_raster_polygons(tmp_path, monkeypatch, workers, task_vertices):
     # rows of blocks arrive out of order from two workers; regions are joined row by row, pieces

@@ -33,6 +33,7 @@ def test_tta_equals_the_average_of_manual_transforms(cnn_model, mode):
     assert len(TTA["d4"]) == 8 and len(set(TTA["d4"])) == 8
 
 
+@pytest.mark.slow
 def test_tta_in_predict_blocks_and_device_engines_agree(tmp_path, yolo_checkpoint):
     path = write_raster(tmp_path / "s.tif", smooth_image((3, 300, 260), seed=12))
     outs = {}

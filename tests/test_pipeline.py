@@ -116,7 +116,8 @@ def test_predict_preserves_crs_and_transform_exactly(tmp_path, cnn_model):
     from affine import Affine
 
     t = Affine(0.123456789, 0.0, 612345.6789, 0.0, -0.123456789, 4567890.12345)
-    path = write_raster(tmp_path / "g.tif", smooth_image((3, 150, 130)), crs="EPSG:2953", transform=t)
+    # wider than the COG's 512-px tiles, so the COG gets overviews; sides divisible by 4
+    path = write_raster(tmp_path / "g.tif", smooth_image((3, 136, 1040)), crs="EPSG:2953", transform=t)
     res = geoseg.predict(path, tmp_path / "out", model=cnn_model, confidence=True)
     for name in ("classes.tif", "confidence.tif"):
         with rasterio.open(res.output / name) as ds, rasterio.open(path) as src:
@@ -124,8 +125,20 @@ def test_predict_preserves_crs_and_transform_exactly(tmp_path, cnn_model):
     with rasterio.open(res.output / "classes.tif") as ds:
         assert ds.dtypes[0] == "uint8" and ds.nodata == 255
         assert ds.colormap(1)[0][:3] == tuple(int(cnn_model.card.palette()[0][i]) for i in range(3))
-        assert ds.overviews(1) == [] or ds.overviews(1)[0] == 2
+        assert ds.overviews(1) == [2, 4]
         assert ds.tags()["GEOSEG_CLASSES"] == '["a", "b", "c", "d"]'
+        full = ds.read(1)
+    with rasterio.open(res.output / "classes.tif", overview_level=0) as ovr:  # the 2x overview itself
+        half = ovr.read(1)
+    h, w = full.shape
+    assert half.shape == (h // 2, w // 2)
+    assert set(np.unique(half)) <= set(np.unique(full)) <= {0, 1, 2, 3}, "overviews hold class ids only"
+    # mode resampling: where one class holds at least 3 of the 4 pixels below, the overview has it
+    quads = full.reshape(h // 2, 2, w // 2, 2).transpose(0, 2, 1, 3).reshape(h // 2, w // 2, 4)
+    counts = np.stack([(quads == c).sum(axis=-1) for c in range(4)])
+    majority = counts.max(axis=0) >= 3
+    assert majority.mean() > 0.5 and (counts.max(axis=0) < 4).any()
+    np.testing.assert_array_equal(half[majority], counts.argmax(axis=0)[majority])
 
 
 def test_infer_matches_predict_for_in_memory_images(tmp_path, cnn_model):

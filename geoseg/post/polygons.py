@@ -199,7 +199,8 @@ class _Spill:
         import os
         import tempfile
 
-        fd, self.path = tempfile.mkstemp(prefix="geoseg-pieces-", suffix=".wkb")
+        _reclaim_spills(tempfile.gettempdir())
+        fd, self.path = tempfile.mkstemp(prefix=f"geoseg-pieces-{os.getpid()}-", suffix=".wkb")
         self.file = os.fdopen(fd, "wb")
         self.end = 0
 
@@ -217,6 +218,23 @@ class _Spill:
 
         self.file.close()
         os.unlink(self.path)
+
+
+def _reclaim_spills(folder: str) -> None:
+    """Remove the spill files of runs that were killed (their process is gone)."""
+    import os
+    from pathlib import Path
+
+    for f in Path(folder).glob("geoseg-pieces-*-*.wkb"):
+        pid = f.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except PermissionError:  # another user's live process
+            pass
 
 
 def _vertices(piece: Any) -> int:
@@ -261,6 +279,28 @@ def block_shape(grid_shape: tuple[int, int], num_workers: int) -> tuple[int, int
     return min(rows, H), W
 
 
+def _worker_init() -> None:
+    """In each polygonizing process: die with the parent, and leave Ctrl-C to it.
+
+    Without this, a parent killed with SIGKILL leaves its workers running
+    until they finish their task (minutes on large rasters), and Ctrl-C in a
+    terminal, which reaches the whole process group, prints a traceback
+    from every worker.
+    """
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        except OSError:  # pragma: no cover - a libc without prctl
+            pass
+
+
 class _Runner:
     """Runs tasks in this process (one worker) or in a pool of worker processes.
 
@@ -280,7 +320,7 @@ class _Runner:
             # fork on Linux: the children only read and polygonize, and unlike spawn or
             # forkserver it does not re-run the caller's script (no __main__ guard needed)
             ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-            self.pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx)
+            self.pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_worker_init)
 
     def map(self, func: Callable[..., Any], args: Sequence[tuple[Any, ...]]) -> Iterator[Any]:
         if self.pool is None:
@@ -446,7 +486,7 @@ class _Merger:
                 seam_cuts[int(k)] = below
             for k in np.unique(npc[same]):
                 cuts.setdefault(n_open + int(k), []).append((1, float(r0), above))
-        for a, b, oa, ob in zip(row[:-1], row[1:], offs[:-1], offs[1:-1]):
+        for a, b, oa, ob in zip(row[:-1], row[1:], offs[:-1], offs[1:-1]):  # across vertical block edges
             if "right" not in a.sides or "left" not in b.sides:
                 continue
             pa, pb = a.sides["right"], b.sides["left"]
@@ -458,20 +498,27 @@ class _Merger:
                 bps = _breakpoints(theirs, r0)
                 for k in np.unique(mine):
                     cuts.setdefault(off + int(k), []).append((0, float(b.col0), bps))
-        parent = np.arange(n_open + n_new)
-        for x, y in (np.concatenate(pairs) if pairs else np.empty((0, 2), np.int64)):
-            rx, ry = _find(parent, int(x)), _find(parent, int(y))
-            if rx != ry:
-                parent[max(rx, ry)] = min(rx, ry)
-        regions: dict[int, list[int]] = {}
-        for k in range(n_open + n_new):
-            regions.setdefault(_find(parent, k), []).append(k)
+        regions = _union_nodes(n_open + n_new, pairs)
         for k, bps in seam_cuts.items():  # open pieces along the seam get the row's vertices
             g, m = self.seam_at[k]
             self.members[g][m] = _insert_breakpoints(self.members[g][m], [(1, float(r0), bps)])
         on_bottom = np.zeros(n_new, bool)
         if not last:
             on_bottom[bottom[bottom >= 0]] = True
+        closed, closed_cls, seam_at = self._regroup(regions, pieces, cls, cuts, on_bottom)
+        # the new seam: this row's bottom edge, numbered by open piece
+        order = sorted(seam_at)
+        renum = np.full(n_new + 1, -1, np.int64)
+        renum[order] = np.arange(len(order))
+        self.seam = renum[bottom] if not last else np.full(width, -1, np.int64)
+        self.seam_at = [seam_at[p] for p in order]
+        return closed, closed_cls
+
+    def _regroup(self, regions: dict[int, list[int]], pieces: list[Any], cls: np.ndarray, cuts: dict[int, Any],
+                 on_bottom: np.ndarray) -> tuple[list[list[Any]], list[int], dict[int, tuple[int, int]]]:
+        """Keep regions on the new bottom edge open; return the others (complete), their classes, and
+        for each piece on the new edge its (open region, index in that region's members)."""
+        n_open = len(self.members)
         members: list[list[Any]] = []
         region_cls: list[int] = []
         seam_at: dict[int, tuple[int, int]] = {}
@@ -493,8 +540,7 @@ class _Merger:
                 geoms.append(g)
             c = self.cls[nodes[0]] if nodes[0] < n_open else int(cls[nodes[0] - n_open])
             if opened:
-                for p, m in opened:
-                    seam_at[p] = (len(members), m)
+                seam_at.update({p: (len(members), m) for p, m in opened})
                 # pieces off the new edge will not change again: to the spill file
                 keep = {m for _, m in opened}
                 geoms = [g if m in keep or isinstance(g, _Stored) else self.spill.put(g) for m, g in enumerate(geoms)]
@@ -503,14 +549,21 @@ class _Merger:
             else:
                 closed.append(geoms)
                 closed_cls.append(c)
-        # the new seam: this row's bottom edge, numbered by open piece
-        order = sorted(seam_at)
-        renum = np.full(n_new + 1, -1, np.int64)
-        renum[order] = np.arange(len(order))
-        self.seam = renum[bottom] if not last else np.full(width, -1, np.int64)
-        self.seam_at = [seam_at[p] for p in order]
         self.members, self.cls = members, region_cls
-        return closed, closed_cls
+        return closed, closed_cls, seam_at
+
+
+def _union_nodes(n: int, pairs: list[np.ndarray]) -> dict[int, list[int]]:
+    """Nodes ``0 .. n-1`` joined by ``pairs`` (union-find): root -> its nodes, in node order."""
+    parent = np.arange(n)
+    for x, y in (np.concatenate(pairs) if pairs else np.empty((0, 2), np.int64)):
+        rx, ry = _find(parent, int(x)), _find(parent, int(y))
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    regions: dict[int, list[int]] = {}
+    for k in range(n):
+        regions.setdefault(_find(parent, k), []).append(k)
+    return regions
 
 
 def _insert_breakpoints(poly: shapely.Polygon, cuts: list[tuple[int, float, np.ndarray]]) -> shapely.Polygon:

@@ -15,7 +15,7 @@ import csv
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +110,78 @@ def _batch(ds: Any, rng: np.random.Generator, recipe: Recipe, card: ModelCard,
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ms).astype(np.int64))
 
 
+@dataclass
+class _Data:
+    """The training data and the card it implies."""
+
+    spec: DatasetSpec
+    main: Any  # the training split of the recipe's dataset
+    train: Any  # what batches are drawn from: ``main``, or mixed with the extra datasets
+    card: ModelCard
+    provenance: dict[str, Any]
+    value_range: float
+
+
+@dataclass
+class _Optim:
+    """The model and everything that updates it."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: Any
+    ema: ModelEMA
+    weights: torch.Tensor | None
+    device: str
+    use_amp: bool
+
+
 def train(recipe: Recipe, *, recipe_dir: Path = Path("."), resume: bool = False,
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train from a recipe; returns the final summary (also in ``summary.yaml``)."""
-    tr, d, o = recipe.train, recipe.data, recipe.optim
+    tr = recipe.train
+    out, wdir = _output_folder(recipe, recipe_dir, resume)
+    torch.manual_seed(tr.seed)
+    rng = np.random.default_rng(tr.seed)
+    device = resolve_device(tr.device)
+    data = _open_data(recipe, recipe_dir)
+    st = _optim(recipe, recipe_dir, data, device)
+    total = tr.epochs * tr.steps_per_epoch if tr.max_steps is None else min(
+        tr.max_steps, tr.epochs * tr.steps_per_epoch)
+    step, start_epoch, best = 0, 0, -1.0
+    if resume:
+        step, start_epoch, best = _restore(wdir / "last", st, rng)
+        log(f"resumed at epoch {start_epoch}, step {step}")
+    csv_path, fields = _metrics_csv(out, data.spec, resume)
+    has_val = "val" in data.spec.splits
+    summary: dict[str, Any] = {}
+    for epoch in range(start_epoch, tr.epochs):
+        if step >= total:
+            break
+        t0 = time.perf_counter()
+        sums, n, step = _epoch(recipe, st, data, rng, epoch, step, total)
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": st.opt.param_groups[0]["lr"]}
+        row.update({k: v / max(n, 1) for k, v in sums.items()})
+        score = None
+        if has_val and tr.val_every > 0 and (
+            (epoch + 1) % tr.val_every == 0 or epoch + 1 == tr.epochs or step >= total
+        ):
+            score = _validate(recipe, st, data, row)
+        row["seconds"] = time.perf_counter() - t0
+        with csv_path.open("a", newline="") as f:
+            csv.writer(f).writerow([_fmt(row.get(k)) for k in fields])
+        best = _checkpoint(wdir, st, data, rng, epoch, step, best, score)
+        plot_curves(csv_path, out / "curves.png")
+        log(f"epoch {epoch + 1}: loss {row.get('loss', float('nan')):.4f}"
+            + (f", val mIoU {score:.4f}" if score is not None else "") + f" ({row['seconds']:.0f} s)")
+        summary = {"epoch": epoch + 1, "step": step, "best_val_miou": best if best >= 0 else None,
+                   "last": str(wdir / "last.safetensors"), "best": str(wdir / "best.safetensors")}
+    (out / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
+    return summary
+
+
+def _output_folder(recipe: Recipe, recipe_dir: Path, resume: bool) -> tuple[Path, Path]:
+    """The run's folder and its ``weights`` folder, checked and created; the recipe saved in it."""
+    tr, d = recipe.train, recipe.data
     if d.imgsz % 32:
         raise ConfigError(f"data.imgsz {d.imgsz} must be a multiple of 32")
     out = (recipe_dir / tr.output).resolve() if not Path(tr.output).is_absolute() else Path(tr.output)
@@ -122,13 +190,13 @@ def train(recipe: Recipe, *, recipe_dir: Path = Path("."), resume: bool = False,
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or set train.output")
     wdir.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    return out, wdir
 
-    torch.manual_seed(tr.seed)
-    rng = np.random.default_rng(tr.seed)
-    device = resolve_device(tr.device)
+
+def _open_data(recipe: Recipe, recipe_dir: Path) -> _Data:
+    d = recipe.data
     spec = load_dataset_spec(recipe_dir / d.dataset)
     main_ds = open_dataset(spec, "train")
-    has_val = "val" in spec.splits
     in_ch = main_ds.in_channels
     mean, std = (list(d.mean), list(d.std)) if d.mean and d.std else _band_stats(
         main_ds, d.input_scale)
@@ -140,8 +208,14 @@ def train(recipe: Recipe, *, recipe_dir: Path = Path("."), resume: bool = False,
     provenance = {"recipe": to_dict(recipe), "dataset": str(spec.root),
                   "train_images": [p.name for p in train_ds.paths], "torch": str(torch.__version__)}
     card = _card(recipe, spec, in_ch, mean, std, provenance)
+    return _Data(spec, main_ds, train_ds, card, provenance, value_range)
 
-    model = create_model(recipe.model.architecture, num_classes=spec.num_classes, in_channels=in_ch)
+
+def _optim(recipe: Recipe, recipe_dir: Path, data: _Data, device: str) -> _Optim:
+    """The model (from the recipe's ``init`` weights if any), AdamW, the AMP scaler, EMA, class weights."""
+    tr, o = recipe.train, recipe.optim
+    model = create_model(recipe.model.architecture, num_classes=data.spec.num_classes,
+                         in_channels=data.card.in_channels)
     if recipe.model.init:
         from safetensors.torch import load_file
 
@@ -157,102 +231,103 @@ def train(recipe: Recipe, *, recipe_dir: Path = Path("."), resume: bool = False,
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ema = ModelEMA(model, tr.ema_decay)
     weights = None
-    if tr.class_weights and hasattr(main_ds, "class_pixels"):
-        weights = torch.from_numpy(inverse_log_frequency(main_ds.class_pixels())).to(device)
+    if tr.class_weights and hasattr(data.main, "class_pixels"):
+        weights = torch.from_numpy(inverse_log_frequency(data.main.class_pixels())).to(device)
+    return _Optim(model, opt, scaler, ema, weights, device, use_amp)
 
-    total = tr.epochs * tr.steps_per_epoch if tr.max_steps is None else min(
-        tr.max_steps, tr.epochs * tr.steps_per_epoch)
-    step, start_epoch, best = 0, 0, -1.0
-    if resume:
-        tensors, meta = load_state(wdir / "last")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        ema.updates = meta["ema_updates"]
-        restore_optimizer(opt, tensors, meta["optimizer"])
-        step, start_epoch, best = meta["step"], meta["epoch"] + 1, meta["best"]
-        rng.bit_generator.state = meta["rng"]
-        torch.set_rng_state(tensors["rng.torch"])
-        log(f"resumed at epoch {start_epoch}, step {step}")
 
+def _restore(last: Path, st: _Optim, rng: np.random.Generator) -> tuple[int, int, float]:
+    """Weights, EMA, optimizer moments and RNG states from ``last``: (step, next epoch, best score)."""
+    tensors, meta = load_state(last)
+    st.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    st.ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    st.ema.updates = meta["ema_updates"]
+    restore_optimizer(st.opt, tensors, meta["optimizer"])
+    rng.bit_generator.state = meta["rng"]
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta["step"], meta["epoch"] + 1, meta["best"]
+
+
+def _metrics_csv(out: Path, spec: DatasetSpec, resume: bool) -> tuple[Path, list[str]]:
+    """``metrics.csv`` (started with its header unless a resumed run has one) and its columns."""
     csv_path = out / "metrics.csv"
     fields = ["epoch", "step", "lr", "loss", "ce", "dice", "aux_ce", "val_miou", "val_pixel_acc",
               *[f"iou_{n}" for n in spec.names], "seconds"]
     if not resume or not csv_path.exists():
         with csv_path.open("w", newline="") as f:
             csv.writer(f).writerow(fields)
-    summary: dict[str, Any] = {}
+    return csv_path, fields
+
+
+def _epoch(recipe: Recipe, st: _Optim, data: _Data, rng: np.random.Generator, epoch: int, step: int,
+           total: int) -> tuple[dict[str, float], int, int]:
+    """One epoch of optimizer steps (fewer where ``total`` is reached): (summed loss parts, steps, step)."""
     from rich.progress import Progress
 
-    for epoch in range(start_epoch, tr.epochs):
-        if step >= total:
-            break
-        model.train()
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        n = 0
-        with Progress(transient=True) as bar:
-            task = bar.add_task(f"epoch {epoch + 1}/{tr.epochs}", total=tr.steps_per_epoch)
-            for _ in range(tr.steps_per_epoch):
-                if step >= total:
-                    break
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, total, o.lr, o.warmup_steps, o.min_lr_ratio)
-                x, y = _batch(train_ds, rng, recipe, card, value_range)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast("cuda", enabled=use_amp):
-                    outputs = model(x)
-                loss, parts = segmentation_loss(
-                    tuple(t.float() for t in outputs) if isinstance(outputs, tuple) else outputs.float(),
-                    y, class_weights=weights, dice=tr.dice, aux=tr.aux)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-                scaler.step(opt)
-                scaler.update()
-                ema.update(model)
-                step += 1
-                n += 1
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{tr.epochs} loss {parts['loss']:.3f}")
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"]}
-        row.update({k: v / max(n, 1) for k, v in sums.items()})
-        score = None
-        if has_val and tr.val_every > 0 and (
-            (epoch + 1) % tr.val_every == 0 or epoch + 1 == tr.epochs or step >= total
-        ):
-            backend = TorchBackend(ema.module, card, device=device, streams=1)
-            cm = evaluate_dataset(backend, spec, "val", tile=tr.val_tile, overlap=tr.val_overlap)
-            score = cm.miou()
-            row.update({"val_miou": score, "val_pixel_acc": cm.pixel_accuracy()})
-            row.update({f"iou_{nm}": v for nm, v in zip(spec.names, cm.iou())})
-            ema.module.eval()
-        row["seconds"] = time.perf_counter() - t0
-        with csv_path.open("a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row.get(k)) for k in fields])
-        metrics = {"epoch": epoch + 1, "step": step, "val_miou": score}
-        card_now = replace(card, extra={"provenance": provenance, "metrics": metrics})
-        save_model(ema.module, card_now, wdir / "last")
-        if score is not None and score > best:
-            best = score
-            save_model(ema.module, card_now, wdir / "best")
-        otensors, ometa = optimizer_tensors(opt)
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in ema.module.state_dict().items()})
-        tensors.update(otensors)
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_state(wdir / "last", tensors, {
-            "epoch": epoch, "step": step, "best": best, "ema_updates": ema.updates,
-            "optimizer": ometa, "rng": rng.bit_generator.state,
-        })
-        plot_curves(csv_path, out / "curves.png")
-        log(f"epoch {epoch + 1}: loss {row.get('loss', float('nan')):.4f}"
-            + (f", val mIoU {score:.4f}" if score is not None else "") + f" ({row['seconds']:.0f} s)")
-        summary = {"epoch": epoch + 1, "step": step, "best_val_miou": best if best >= 0 else None,
-                   "last": str(wdir / "last.safetensors"), "best": str(wdir / "best.safetensors")}
-    (out / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
-    return summary
+    tr, o = recipe.train, recipe.optim
+    st.model.train()
+    sums: dict[str, float] = {}
+    n = 0
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"epoch {epoch + 1}/{tr.epochs}", total=tr.steps_per_epoch)
+        for _ in range(tr.steps_per_epoch):
+            if step >= total:
+                break
+            for g in st.opt.param_groups:
+                g["lr"] = lr_at(step, total, o.lr, o.warmup_steps, o.min_lr_ratio)
+            x, y = _batch(data.train, rng, recipe, data.card, data.value_range)
+            x, y = x.to(st.device, non_blocking=True), y.to(st.device, non_blocking=True)
+            with torch.autocast("cuda", enabled=st.use_amp):
+                outputs = st.model(x)
+            loss, parts = segmentation_loss(
+                tuple(t.float() for t in outputs) if isinstance(outputs, tuple) else outputs.float(),
+                y, class_weights=st.weights, dice=tr.dice, aux=tr.aux)
+            st.opt.zero_grad(set_to_none=True)
+            st.scaler.scale(loss).backward()
+            st.scaler.unscale_(st.opt)
+            torch.nn.utils.clip_grad_norm_(st.model.parameters(), 10.0)
+            st.scaler.step(st.opt)
+            st.scaler.update()
+            st.ema.update(st.model)
+            step += 1
+            n += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.update(task, advance=1, description=f"epoch {epoch + 1}/{tr.epochs} loss {parts['loss']:.3f}")
+    return sums, n, step
+
+
+def _validate(recipe: Recipe, st: _Optim, data: _Data, row: dict[str, Any]) -> float:
+    """The EMA model through the predict engine on the validation split; scores into ``row``; mIoU."""
+    tr = recipe.train
+    backend = TorchBackend(st.ema.module, data.card, device=st.device, streams=1)
+    cm = evaluate_dataset(backend, data.spec, "val", tile=tr.val_tile, overlap=tr.val_overlap)
+    score = cm.miou()
+    row.update({"val_miou": score, "val_pixel_acc": cm.pixel_accuracy()})
+    row.update({f"iou_{nm}": v for nm, v in zip(data.spec.names, cm.iou())})
+    st.ema.module.eval()
+    return score
+
+
+def _checkpoint(wdir: Path, st: _Optim, data: _Data, rng: np.random.Generator, epoch: int, step: int,
+                best: float, score: float | None) -> float:
+    """Save ``last`` (and ``best`` when ``score`` beats it) and the state to resume from; the best score."""
+    metrics = {"epoch": epoch + 1, "step": step, "val_miou": score}
+    card_now = replace(data.card, extra={"provenance": data.provenance, "metrics": metrics})
+    save_model(st.ema.module, card_now, wdir / "last")
+    if score is not None and score > best:
+        best = score
+        save_model(st.ema.module, card_now, wdir / "best")
+    otensors, ometa = optimizer_tensors(st.opt)
+    tensors = {f"model.{k}": v for k, v in st.model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in st.ema.module.state_dict().items()})
+    tensors.update(otensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_state(wdir / "last", tensors, {
+        "epoch": epoch, "step": step, "best": best, "ema_updates": st.ema.updates,
+        "optimizer": ometa, "rng": rng.bit_generator.state,
+    })
+    return best
 
 
 def _fmt(v: Any) -> Any:
