@@ -199,7 +199,8 @@ def memory() -> None:
             rows.append(row)
             first = first or row
         rows.append({"outputs": label, "scene": "ratio largest / smallest",
-                     "wall s": rows[-1]["wall s"] / first["wall s"], "MPix/s": "", "peak RSS MiB": rows[-1]["peak RSS MiB"] / first["peak RSS MiB"]})
+                     "wall s": rows[-1]["wall s"] / first["wall s"], "MPix/s": "",
+                     "peak RSS MiB": rows[-1]["peak RSS MiB"] / first["peak RSS MiB"]})
     print(table(rows))
 
 
