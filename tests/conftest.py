@@ -120,3 +120,10 @@ def has_qgis() -> bool:
 
 def which(cmd: str) -> str | None:
     return shutil.which(cmd)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _calibration_cache(tmp_path_factory):
+    """Stream calibrations made by tests stay out of the user's cache."""
+    os.environ["GEOSEG_CACHE"] = str(tmp_path_factory.mktemp("geoseg-cache"))
+    yield

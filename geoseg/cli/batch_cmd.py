@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from .main import one_line_errors
+from .options import output_options
 from .predict_cmd import _bands
 
 
@@ -78,16 +79,8 @@ def _summary_table(result: Any, console: Any, limit: int = 25) -> None:
               help="Forward passes at once per worker [default: the node's cores shared among its workers].")
 @click.option("--precision", default="auto", show_default=True,
               type=click.Choice(["auto", "fp16", "bf16", "fp32"]), help="Autocast type on a GPU (auto: fp16).")
-@click.option("--bands", "bands", help="1-based bands to read, e.g. 1,2,3 [default: all but alpha].")
-@click.option("--confidence", is_flag=True, help="Also write confidence.tif per scene.")
-@click.option("--no-polygons", is_flag=True, help="Skip the polygon layers.")
-@click.option("--min-area", type=float, help="Sieve regions smaller than this (m²) from the maps.")
-@click.option("--simplify", type=float, help="Simplify polygons (coverage-wise) by this many metres.")
-@click.option("--vector-format", default="gpkg", show_default=True, help="gpkg, geojson, parquet or fgb.")
-@click.option("--zones", type=click.Path(dir_okay=False, path_type=Path),
-              help="Polygons for per-zone class areas in stats.csv.")
-@click.option("--zone-field", help="Zone name attribute.")
-@click.option("--quicklook", is_flag=True, help="Also write quicklook.png per scene.")
+@click.option("--bands", "bands", help="Bands by number (3,2,1) or name (red,green,blue) [default: by name, else all].")
+@output_options
 @click.option("--overwrite", is_flag=True, help="Replace outputs of scenes that are not from this job.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors

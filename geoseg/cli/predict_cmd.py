@@ -13,6 +13,7 @@ from ..errors import PartialRunError
 from ..io.staging import Staging
 from ..workflow.predict import default_output
 from .main import one_line_errors
+from .options import output_options
 
 
 def _command(flag: str) -> str:
@@ -63,15 +64,7 @@ def _bands(value: str | None) -> list[int | str] | None:
                    "or metres.")
 @click.option("--tta", default="none", show_default=True, type=click.Choice(["none", "flips", "d4"]),
               help="Average the logits over flips or all 8 dihedral transforms of each tile.")
-@click.option("--confidence", is_flag=True, help="Also write confidence.tif (max softmax).")
-@click.option("--no-polygons", is_flag=True, help="Skip the polygon layer.")
-@click.option("--min-area", type=float, help="Sieve regions smaller than this (m²) from the map.")
-@click.option("--simplify", type=float, help="Simplify polygons (coverage-wise) by this many metres.")
-@click.option("--vector-format", default="gpkg", show_default=True, help="gpkg, geojson, parquet or fgb.")
-@click.option("--zones", type=click.Path(dir_okay=False, path_type=Path),
-              help="Polygons for per-zone class areas in stats.csv.")
-@click.option("--zone-field", help="Zone name attribute.")
-@click.option("--quicklook", is_flag=True, help="Also write quicklook.png: the classes over the image.")
+@output_options
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--resume/--restart", default=None,
               help="Continue an interrupted run into the same output from its finished blocks, or start over.")

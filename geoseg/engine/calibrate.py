@@ -50,10 +50,14 @@ def _cache_file() -> Path:
 def _key(backend: Any, tile: int, batch: int, cores: int) -> str:
     spec = getattr(backend, "spec", None)
     name = getattr(spec, "model", None) or backend.card.name
+    path = Path(name)
+    if path.exists():  # the same file however it was named, and a new file at the same path is new
+        st = path.stat()
+        name = f"{path.resolve()}@{st.st_size}:{st.st_mtime_ns}"
     return f"{type(backend).__name__}:{name}:{tile}:{batch}:{cores}"
 
 
-def calibrate(backend: Any, tile: int, batch: int, *, seconds: float = 0.6) -> dict[str, Any]:
+def calibrate(backend: Any, tile: int, batch: int, *, seconds: float = 1.0) -> dict[str, Any]:
     """Time each stream count on ``backend`` (CPU) and leave it set to the fastest.
 
     Returns ``{"streams": n, "threads": t, "tiles_per_s": {n: rate, …}, "cached": bool}``.
@@ -84,8 +88,8 @@ def _rate(backend: Any, x: np.ndarray, streams: int, seconds: float) -> float:
     done = [0] * streams
     stop = time.perf_counter() + seconds
 
-    def work(k: int) -> None:
-        while time.perf_counter() < stop:
+    def work(k: int) -> None:  # at least three batches each, so a slow model is measured too
+        while time.perf_counter() < stop or done[k] < 3 * len(x):
             backend(x)
             done[k] += len(x)
 

@@ -166,7 +166,9 @@ class Layout:
         step = _TIFF_TILE_QUANTUM // math.gcd(stride, _TIFF_TILE_QUANTUM)
         candidates = list(range(step, max(step, 2 * block_target // stride) + step, step))
         near = [n for n in candidates if block_target / 2 <= n * stride <= 1.5 * block_target]
-        aligned = [n for n in near if (n * stride) % 512 == 0]
+        # 512-aligned blocks fall on whole COG tiles, but not at any price: a block far from the
+        # target leaves too few blocks for the wavefront to keep every worker busy
+        aligned = [n for n in near if (n * stride) % 512 == 0 and abs(n * stride - block_target) <= block_target / 4]
         pool = aligned or candidates
         n = min(pool, key=lambda k: abs(k * stride - block_target))
         return cls(grid, tile, tile - stride, n)

@@ -172,3 +172,16 @@ def embed_qgis_style(gpkg: Path, layer: str, qml: str, name: str = "geoseg") -> 
         con.commit()
     finally:
         con.close()
+
+
+def rasterize_on(shapes: list[Any], grid: Any, *, fill: int, dtype: str) -> np.ndarray:
+    """``(geometry, value)`` pairs burnt into an array on ``grid`` (a :class:`~geoseg.geometry.grid.Grid`).
+
+    Pixels whose centre falls in a geometry take its value (GDAL's default,
+    not all-touched); the rest are ``fill``. No shapes: all ``fill``.
+    """
+    if not shapes:
+        return np.full(grid.shape, fill, dtype)
+    from rasterio.features import rasterize
+
+    return rasterize(shapes, out_shape=grid.shape, transform=grid.transform, fill=fill, dtype=dtype)

@@ -23,7 +23,7 @@ from ..geometry.grid import Grid
 from ..geometry.units import NODATA, metres_to_crs_units
 from ..io.raster import BlockWriter, bounded_gdal_cache, open_raster
 from ..io.styles import categorized_polygons_qml, write_text_atomic
-from ..io.vector import PolygonWriter, vector_format
+from ..io.vector import PolygonWriter, rasterize_on, vector_format
 from .areas import AreaTable, row_pixel_areas
 from .polygons import Batch, polygonize_raster
 
@@ -471,11 +471,7 @@ def area_stats(src: str | Path, *, zones: str | Path | None = None, zone_field: 
             arr = read(rows, cols)
             zmap = None
             if zone_shapes is not None:
-                from rasterio.features import rasterize
-
-                sub = grid[rows, cols]
-                zmap = rasterize(zone_shapes, out_shape=sub.shape, transform=sub.transform, fill=0,
-                                 dtype="int32") if zone_shapes else np.zeros(sub.shape, np.int32)
+                zmap = rasterize_on(zone_shapes, grid[rows, cols], fill=0, dtype="int32")
             table.add_block(arr, areas, zmap, zone_ids)
     return table
 

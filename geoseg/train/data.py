@@ -40,6 +40,8 @@ import numpy as np
 import yaml
 
 from ..errors import ConfigError
+from ..geometry.grid import Grid
+from ..io.vector import rasterize_on
 from .metrics import IGNORE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -253,7 +255,6 @@ class GeoDataset:
 
     def read_window(self, k: int, row: int, col: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         import rasterio
-        from rasterio.features import rasterize
         from rasterio.windows import Window
         from rasterio.windows import transform as wtransform
 
@@ -263,8 +264,7 @@ class GeoDataset:
             img = ds.read(window=win, boundless=True, fill_value=0)
             t = wtransform(win, ds.transform)
             valid = ds.read_masks(1, window=win, boundless=True) > 0
-        mask = rasterize(shapes, out_shape=(size, size), transform=t, fill=IGNORE, dtype="uint8",
-                         all_touched=False) if shapes else np.full((size, size), IGNORE, np.uint8)
+        mask = rasterize_on(shapes, Grid((size, size), t), fill=IGNORE, dtype="uint8")
         mask[~valid] = IGNORE
         return img, mask
 

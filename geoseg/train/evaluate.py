@@ -21,6 +21,7 @@ from ..engine.schedule import stream_blocks
 from ..errors import ConfigError
 from ..geometry.grid import Grid
 from ..io.raster import RasterSource, data_bands, open_raster
+from ..io.vector import rasterize_on
 from .data import DatasetSpec, label_ids, mask_path, read_image, remap, split_images
 from .metrics import IGNORE, ConfusionMatrix
 
@@ -116,7 +117,6 @@ def _reference_reader(ref: Path, grid: Grid, class_field: str | None, mapping: d
         return read_raster
 
     import pyogrio
-    from rasterio.features import rasterize
 
     if class_field is None:
         raise ConfigError("vector labels need a class field: pass --class-field NAME")
@@ -137,8 +137,6 @@ def _reference_reader(ref: Path, grid: Grid, class_field: str | None, mapping: d
     shapes = [(g, i) for g, i in zip(gdf.geometry, ids) if i != IGNORE and g is not None]
 
     def read_vector(rows: slice, cols: slice) -> np.ndarray:
-        sub = grid[rows, cols]
-        return rasterize(shapes, out_shape=sub.shape, transform=sub.transform, fill=IGNORE,
-                         dtype="uint8") if shapes else np.full(sub.shape, IGNORE, np.uint8)
+        return rasterize_on(shapes, grid[rows, cols], fill=IGNORE, dtype="uint8")
 
     return read_vector
