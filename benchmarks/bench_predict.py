@@ -185,7 +185,8 @@ def memory() -> None:
 
     runs = [("engine", ["--model", str(yolo_checkpoint()), "--no-polygons"])]
     if "geoseg-landcover-n" in builtin_models():
-        runs.append(("full", ["--model", "geoseg-landcover-n"]))
+        # --gsd off: the map of the 2 cm mosaic at 2 cm, so that polygons are as dense as they get
+        runs.append(("full", ["--model", "geoseg-landcover-n", "--gsd", "off"]))
     rows = []
     for label, extra in runs:
         first = None
