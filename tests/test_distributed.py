@@ -32,12 +32,16 @@ def test_cluster_result_equals_local_result(tmp_path, yolo_checkpoint, monkeypat
         client.get_task_stream()  # the scheduler records every task from now on
         remote = geoseg.predict(scene, tmp_path / "cluster", model=str(yolo_checkpoint), device="cpu",
                                 scheduler=cluster.scheduler_address, confidence=True)
-        blocks = [t for t in client.get_task_stream() if str(t["key"]).startswith("geoseg-block-")]
+        stream = client.get_task_stream()
+        blocks = [t for t in stream if str(t["key"]).startswith("geoseg-block-")]
+        polygon_tasks = [t for t in stream if "polygonize" in str(t["key"])]
         models = client.run(lambda: len(__import__("geoseg.models.loading", fromlist=["x"])._PROCESS_CACHE))
         workers = set(client.scheduler_info()["workers"])
     assert len(blocks) == 6
     assert len(workers) == 2 and {t["worker"] for t in blocks} == workers, "both workers ran blocks"
     assert sorted(models.values()) == [1, 1], "each worker loaded the model from its path, once"
+    assert polygon_tasks and {t["worker"] for t in polygon_tasks} <= workers, "polygons ran on the cluster too"
+    assert (remote.output / "polygons.gpkg").exists()
     # Worker processes run torch with one thread (dask sets OMP_NUM_THREADS=1), this process with
     # all cores: convolutions then round differently in the last bits, which can flip near-ties of
     # this untrained model. Everything else must be identical.

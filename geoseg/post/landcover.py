@@ -402,7 +402,8 @@ def _follow(nxt: np.ndarray, n: int) -> np.ndarray:
 
 @bounded_gdal_cache
 def vectorize(src: str | Path, output: str | Path, *, fmt: str = "gpkg", simplify: float | None = None,
-              overwrite: bool = False, block: int | None = None, num_workers: int | None = None) -> dict[str, Any]:
+              overwrite: bool = False, block: int | None = None, num_workers: int | None = None,
+              executor: Any = None) -> dict[str, Any]:
     """Polygons of a class raster (merged across blocks) to ``output`` with a QGIS style.
 
     ``simplify`` is a tolerance in metres applied to the whole coverage
@@ -428,7 +429,7 @@ def vectorize(src: str | Path, output: str | Path, *, fmt: str = "gpkg", simplif
         # simplified polygons are measured when written, not before
         n = polygonize_raster(src, grid.shape, grid.transform, None if simplify else writer.measure,
                               sink=sink, nodata=nodata,
-                              block=block, num_workers=num_workers)
+                              block=block, num_workers=num_workers, executor=executor)
         if simplify and held:
             import shapely
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,6 +35,7 @@ from affine import Affine
 
 from ..geometry.units import NODATA, Measure
 from ..io.vector import Batch
+from .runner import Runner
 
 BLOCK_BYTES = 16 * 2**20  # class pixels per task when the block shape is chosen automatically
 UNION_TASK_VERTICES = 500_000  # vertices of pieces per union task sent to a worker
@@ -279,84 +280,17 @@ def block_shape(grid_shape: tuple[int, int], num_workers: int) -> tuple[int, int
     return min(rows, H), W
 
 
-def _worker_init() -> None:
-    """In each polygonizing process: die with the parent, and leave Ctrl-C to it.
-
-    Without this, a parent killed with SIGKILL leaves its workers running
-    until they finish their task (minutes on large rasters), and Ctrl-C in a
-    terminal, which reaches the whole process group, prints a traceback
-    from every worker.
-    """
-    import signal
-    import sys
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-        except OSError:  # pragma: no cover - a libc without prctl
-            pass
-
-
-class _Runner:
-    """Runs tasks in this process (one worker) or in a pool of worker processes.
-
-    Results are yielded as tasks finish, with at most two tasks per worker in
-    flight, so the caller writes while the workers polygonize and memory stays
-    bounded.
-    """
-
-    def __init__(self, num_workers: int):
-        self.num_workers = num_workers
-        self.pool: Any = None
-        if num_workers > 1:
-            import multiprocessing
-            import sys
-            from concurrent.futures import ProcessPoolExecutor
-
-            # fork on Linux: the children only read and polygonize, and unlike spawn or
-            # forkserver it does not re-run the caller's script (no __main__ guard needed)
-            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-            self.pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_worker_init)
-
-    def map(self, func: Callable[..., Any], args: Sequence[tuple[Any, ...]]) -> Iterator[Any]:
-        if self.pool is None:
-            for a in args:
-                yield func(*a)
-            return
-        import warnings
-        from concurrent.futures import FIRST_COMPLETED, wait
-
-        pending: set[Any] = set()
-        todo = iter(args)
-        with warnings.catch_warnings():  # Python >= 3.12 warns about fork beside threads
-            warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
-            while True:
-                for a in itertools.islice(todo, 2 * self.num_workers - len(pending)):
-                    pending.add(self.pool.submit(func, *a))
-                if not pending:
-                    return
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    yield f.result()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-
 def polygonize_raster(path: str | Path, grid_shape: tuple[int, int], transform: Affine, measure: Measure | None, *,
                       sink: Callable[[Batch], None], nodata: int = NODATA, block: int | None = None,
-                      num_workers: int | None = None) -> int:
+                      num_workers: int | None = None, executor: Any = None) -> int:
     """Polygonize a uint8 class raster by blocks; ``sink`` receives batches of finished polygons.
 
     ``block`` is a square block side in pixels (default: full-width strips,
     see :func:`block_shape`). ``measure`` None leaves area and perimeter at 0
-    (for callers that change the polygons before writing them). Returns the
-    number of polygons emitted.
+    (for callers that change the polygons before writing them). With an
+    ``executor`` (a dask.distributed ``client.get_executor()``), blocks run on
+    its workers, which must see ``path``. Returns the number of polygons
+    emitted.
     """
     import os
 
@@ -364,11 +298,11 @@ def polygonize_raster(path: str | Path, grid_shape: tuple[int, int], transform: 
     workers = max(1, num_workers or os.cpu_count() or 1)
     bh, bw = (block, block) if block else block_shape(grid_shape, workers)
     origins = [(r0, c0) for r0 in range(0, H, bh) for c0 in range(0, W, bw)]
-    if len(origins) == 1:
+    if len(origins) == 1 and executor is None:
         workers = 1  # a single block gains nothing from worker processes
     args = [(str(path), r0, c0, min(bh, H - r0), min(bw, W - c0), grid_shape, transform, measure, nodata)
             for r0, c0 in origins]
-    runner = _Runner(workers)
+    runner = Runner(workers, executor)
     spill = _Spill()
     merger = _Merger(W, spill)
     per_row = len(range(0, W, bw))

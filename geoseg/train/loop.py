@@ -268,7 +268,12 @@ def _epoch(recipe: Recipe, st: _Optim, data: _Data, rng: np.random.Generator, ep
     st.model.train()
     sums: dict[str, float] = {}
     n = 0
-    with Progress(transient=True) as bar:
+    import sys
+    import time
+
+    piped = not sys.stderr.isatty()  # no live bar in a pipe or a log file: a plain line now and then
+    last = time.monotonic()
+    with Progress(transient=True, disable=piped) as bar:
         task = bar.add_task(f"epoch {epoch + 1}/{tr.epochs}", total=tr.steps_per_epoch)
         for _ in range(tr.steps_per_epoch):
             if step >= total:
@@ -294,6 +299,10 @@ def _epoch(recipe: Recipe, st: _Optim, data: _Data, rng: np.random.Generator, ep
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(task, advance=1, description=f"epoch {epoch + 1}/{tr.epochs} loss {parts['loss']:.3f}")
+            if piped and time.monotonic() - last >= 30:
+                last = time.monotonic()
+                print(f"epoch {epoch + 1}/{tr.epochs} step {n}/{tr.steps_per_epoch} loss {parts['loss']:.3f}",
+                      file=sys.stderr, flush=True)
     return sums, n, step
 
 

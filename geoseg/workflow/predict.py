@@ -90,12 +90,13 @@ def predict(src: str | Path, output: str | Path | None = None, *, model: Any, ca
     plan = make_plan(src, out, model=model, card=card, tiling=tiling, compute=compute, outputs=outputs,
                      bands=bands)
     staging = _open_staging(plan, resume)
+    scheduler, client = stages.connect(plan.compute.scheduler)
     try:
         t_setup = time.perf_counter()
-        counts = _inference_step(plan, staging, progress)
+        counts = _inference_step(plan, staging, progress, scheduler)
         t_infer = time.perf_counter()
         _step(progress, "Polygons and area statistics" if outputs.polygons else "Area statistics")
-        vec, areas = stages.post(plan, staging.dir, staging.journal)
+        vec, areas = stages.post(plan, staging.dir, staging.journal, scheduler)
         t_post = time.perf_counter()
         if outputs.quicklook:
             _step(progress, "Quicklook")
@@ -110,6 +111,9 @@ def predict(src: str | Path, output: str | Path | None = None, *, model: Any, ca
         if not staging.journal.done() and not staging.journal.steps():
             staging.discard()  # nothing worth resuming
         raise
+    finally:
+        if client is not None:
+            client.close()
     return PredictResult(out, {n: out / n for n in names if (out / n).exists()}, list(plan.net.card.classes),
                          counts.histogram, counts.tiles_run, counts.tiles_skipped, t_end - t0, timings, areas,
                          counts.transfers)
@@ -162,13 +166,14 @@ def _open_staging(plan: Plan, resume: bool | None) -> Staging:
     return staging
 
 
-def _inference_step(plan: Plan, staging: Staging, progress: Callable[[int, int], None] | None) -> Any:
+def _inference_step(plan: Plan, staging: Staging, progress: Callable[[int, int], None] | None,
+                    scheduler: Any) -> Any:
     journal = staging.journal
     if "inference" in journal.steps():
         saved = dict((journal.read_state() or {})["counts"])
         saved["histogram"] = np.asarray(saved["histogram"], np.int64)
         return stages.Counts(**saved)
-    counts = stages.inference(plan, staging.dir, progress, journal)
+    counts = stages.inference(plan, staging.dir, progress, journal, scheduler)
     state = journal.read_state() or {}
     state["counts"] = {"histogram": counts.histogram.tolist(), "tiles_run": counts.tiles_run,
                        "tiles_skipped": counts.tiles_skipped, "blocks": counts.blocks,

@@ -46,7 +46,7 @@ def block_threads(plan: Plan) -> int:
     return plan.compute.num_workers or max(available_cores(), plan.net.streams) + 1
 
 
-def _scheduler(scheduler: Any) -> tuple[Any, Any]:
+def connect(scheduler: Any) -> tuple[Any, Any]:
     """(scheduler for stream_blocks, client to close or None)."""
     if scheduler in (None, "threads", "local"):
         return "threads", None
@@ -64,7 +64,7 @@ def _scheduler(scheduler: Any) -> tuple[Any, Any]:
 
 
 def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | None,
-              journal: Journal | None = None) -> Counts:
+              journal: Journal | None = None, scheduler: Any = "threads") -> Counts:
     """Run every block and write ``classes.tif`` (and ``confidence.tif``) as COGs into ``staging``.
 
     With a ``journal``, each finished block is also saved there, and blocks
@@ -101,7 +101,6 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
                 progress(counts.blocks, total)
 
     done = journal.done() if journal is not None else frozenset()
-    sched, client = _scheduler(plan.compute.scheduler)
     try:
         for ij in sorted(done):
             sink(ij, _saved_block(journal, ij, plan), saved=True)
@@ -112,7 +111,7 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
                 counts.transfers = run_on_device(plan.source, plan.runner, layout, plan.opts, sink,
                                                  done=done).as_dict()
             else:
-                stream_blocks(plan.source, plan.model_ref, layout, plan.opts, sink, scheduler=sched,
+                stream_blocks(plan.source, plan.model_ref, layout, plan.opts, sink, scheduler=scheduler,
                               num_workers=block_threads(plan), done=done)
         t = time.perf_counter()
         writers["classes"].finish(resampling="mode", category_names=list(mc.classes))
@@ -123,9 +122,6 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
         for w in writers.values():
             w.abort()
         raise
-    finally:
-        if client is not None:
-            client.close()
     write_text_atomic(staging / "classes.qml", paletted_raster_qml(list(mc.classes), palette))
     return counts
 
@@ -163,7 +159,8 @@ def _saved_block(journal: Any, ij: tuple[int, int], plan: Plan) -> BlockOut:
     return BlockOut(classes, conf, hist, tiles, 0)
 
 
-def post(plan: Plan, staging: Path, journal: Journal | None = None) -> tuple[dict[str, Any], Any]:
+def post(plan: Plan, staging: Path, journal: Journal | None = None,
+         scheduler: Any = "threads") -> tuple[dict[str, Any], Any]:
     """Sieve, polygons and area statistics from the staged ``classes.tif``.
 
     With a ``journal``, sieve and polygons are recorded as steps, and steps
@@ -180,8 +177,9 @@ def post(plan: Plan, staging: Path, journal: Journal | None = None) -> tuple[dic
         vec["sieve_pixels"] = sieve(classes, o.min_area)
         _step(journal, "sieve", vec)
     if o.polygons and "polygons" not in steps:
+        executor = None if isinstance(scheduler, str) else scheduler.get_executor()  # on a cluster: its workers
         vec.update(vectorize(classes, staging / "polygons", fmt=o.vector_format, simplify=o.simplify,
-                             overwrite=True, num_workers=plan.compute.num_workers))
+                             overwrite=True, num_workers=plan.compute.num_workers, executor=executor))
         vec["path"] = str(plan.out / Path(vec["path"]).name)
         _step(journal, "polygons", vec)
     areas = area_stats(classes, zones=o.zones, zone_field=o.zone_field)
