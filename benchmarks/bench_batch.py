@@ -64,6 +64,9 @@ def peak_rss_mib(pid: int) -> float | None:
 
 
 def run(listing: Path, out: Path, workers: int) -> dict[str, object]:
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)  # a fresh job: a rerun would skip the scenes already done
     cmd = [str(GEOSEG), "batch", str(listing), "-o", str(out), "--workers", str(workers),
            "--threads-per-worker", "1", "--device", "cpu", "--gsd", "off", "--tile-size", "256",
            "--no-polygons", "--overwrite", "-q"]
