@@ -89,9 +89,9 @@ def test_device_engine_on_cpu_tensors_equals_predict_array(cnn_model, batch_size
     assert run[0] == ref.tiles_run == counting.tiles == stats.tiles
     # batches span blocks: every forward pass but the last is full
     assert stats.batches == -(-stats.tiles // batch_size)
-    # bytes: raw uint8 input + bool mask in; uint8 classes + float32 confidence + 256 int64 counts out
+    # bytes: raw uint8 input + bool mask in; uint8 classes + float32 confidence + a 1-byte flag out
     h2d = sum(3 * _extent(layout, ij) + _extent(layout, ij) for ij in layout.iter_blocks())
-    d2h = sum(5 * _size(layout, ij) + 256 * 8 for ij in layout.iter_blocks())
+    d2h = sum(5 * _size(layout, ij) + 1 for ij in layout.iter_blocks())
     assert (stats.h2d_bytes, stats.d2h_bytes) == (h2d, d2h)
 
 
@@ -127,7 +127,7 @@ def test_predict_device_engine_equals_blocks_engine_and_records_transfers(tmp_pa
     assert run["options"]["engine"] == "device"
     t = run["transfers"]
     assert t["tiles"] == run["counts"]["tiles_run"] == a.tiles_run
-    assert t["d2h_bytes"] == 700 * 650 + run["counts"]["blocks"] * 256 * 8
+    assert t["d2h_bytes"] == 700 * 650 + run["counts"]["blocks"]
     assert "transfers" not in json.loads((a.output / "run.json").read_text())
 
 
@@ -261,3 +261,21 @@ def test_raster_source_and_dask_source_agree_on_nodata(tmp_path):
     path = write_raster(tmp_path / "n.tif", data, nodata=0)
     _, ok = RasterSource(str(path), (1, 2, 3)).read(slice(0, 50), slice(0, 60))
     np.testing.assert_array_equal(ok, valid_mask(data, 0))
+
+
+def test_device_engine_resumes_to_the_same_classes(tmp_path, yolo_checkpoint):
+    """Interrupted after two blocks, resumed: frontier blocks run again for their strips only."""
+    data = smooth_image((3, 1100, 1000), seed=14)
+    data[:, 600:, :300] = 0  # a nodata corner: blocks with nothing to run
+    path = write_raster(tmp_path / "s.tif", data, nodata=0)
+    opts = dict(model=yolo_checkpoint, device="cpu", engine="device", tile_size=64, polygons=False, batch_size=8)
+
+    def boom(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        geoseg.predict(path, tmp_path / "x", progress=boom, **opts)
+    resumed = geoseg.predict(path, tmp_path / "x", resume=True, **opts)
+    full = geoseg.predict(path, tmp_path / "y", **opts)
+    assert (resumed.output / "classes.tif").read_bytes() == (full.output / "classes.tif").read_bytes()

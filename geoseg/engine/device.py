@@ -134,6 +134,7 @@ class _DeviceRun:
         again = frontier(layout, done) if done else set()
         self.done = done
         self.order = [ij for ij in layout.iter_blocks() if ij not in done or ij in again]
+        self.runset = set(self.order)
         self.next = 0
         self.strips: dict[tuple[int, int, int], Any] = {}
         self.active: deque[_Block] = deque()
@@ -155,12 +156,17 @@ class _DeviceRun:
             while self.reads and len(self.queue) < self.batch:  # batches fill across blocks
                 self.load(self.order[self.next - len(self.reads)], self.reads.popleft().result())
                 fill()
+                self.finish_ready(wpool)  # blocks with nothing to run (nodata) do not pile up on the device
             if self.queue:
                 self.run_batch()
-            while self.active and self.active[0].pending == 0:
-                self.finish(self.active.popleft(), wpool)
+            self.finish_ready(wpool)
         for f in self.written:
             f.result()
+
+    def finish_ready(self, wpool: ThreadPoolExecutor) -> None:
+        """Finish the blocks at the front whose tiles have all run (blocks finish in row-major order)."""
+        while self.active and self.active[0].pending == 0:
+            self.finish(self.active.popleft(), wpool)
 
     def cancel(self) -> None:
         for f in (*self.reads, *self.written):
@@ -174,7 +180,7 @@ class _DeviceRun:
         self.stats.h2d_bytes += data.numel() * data.element_size() + valid.numel()
         x = data.to(self.dev, non_blocking=True).to(torch.float32)
         v = valid.to(self.dev, non_blocking=True)
-        x.mul_(self.scale).sub_(self.offset)
+        x = x * self.scale - self.offset  # out of place: on CPU a float32 read would be changed in place
         x.masked_fill_(~v, 0.0)
         rows, cols = self.layout.block_extent(*ij)
         t = self.layout.tile
@@ -219,21 +225,22 @@ class _DeviceRun:
         br, bc = self.layout.block_slices(i, j)
         bh, bw = br.stop - br.start, bc.stop - bc.start
         eh, ew = min(acc.shape[1], h - b.rows.start), min(acc.shape[2], w - b.cols.start)
-        if eh > bh:
-            self.strips[i, j, 0] = acc[:, bh:eh, :bw].clone()
-        if ew > bw:
-            self.strips[i, j, 1] = acc[:, :bh, bw:ew].clone()
-        if eh > bh and ew > bw:
-            self.strips[i, j, 2] = acc[:, bh:eh, bw:ew].clone()
+        # strips only for blocks this run computes (on resume, finished blocks are skipped)
+        for k, (rs, cs, keep) in enumerate(((slice(bh, eh), slice(0, bw), eh > bh),
+                                            (slice(0, bh), slice(bw, ew), ew > bw),
+                                            (slice(bh, eh), slice(bw, ew), eh > bh and ew > bw))):
+            consumer = (i + (k != 1), j + (k != 0))
+            if keep and consumer in self.runset:
+                self.strips[i, j, k] = acc[:, rs, cs].clone()
         if b.ij in self.done:  # run again for its strips only
             return
-        classes, conf = resolve_tensor(acc[:, :bh, :bw], b.valid[:bh, :bw], confidence=self.opts.confidence)
-        hist = torch.bincount(classes.flatten().to(torch.int64), minlength=256)
-        host = [_to_host(a, self.cuda) for a in (classes, conf, hist) if a is not None]
+        classes, conf, unweighted = resolve_tensor(acc[:, :bh, :bw], b.valid[:bh, :bw],
+                                                   confidence=self.opts.confidence)
+        host = [_to_host(a, self.cuda) for a in (classes, conf, unweighted) if a is not None]
         self.stats.d2h_bytes += sum(a.numel() * a.element_size() for a in host)
-        event = torch.cuda.Event() if self.cuda else None
+        event = torch.cuda.Event(blocking=True) if self.cuda else None
         if event is not None:
-            event.record()
+            event.record(torch.cuda.current_stream(self.dev))
         out = (b.ij, host, len(b.tiles), b.skipped, event)
         while len(self.written) >= self.max_written:  # bound the blocks waiting for the writer
             self.written.popleft().result()
@@ -242,11 +249,14 @@ class _DeviceRun:
     def write(self, ij: tuple[int, int], host: list[Any], run: int, skipped: int, event: Any) -> None:
         if event is not None:
             event.synchronize()
+        if bool(host[-1].numpy()):
+            raise RuntimeError("a valid pixel received no tile weight; the tiling is wrong")
         k = self.k
-        hh = host[-1].numpy()
+        classes = host[0].numpy()
+        hh = np.bincount(classes.ravel(), minlength=256)
         hist = np.concatenate([hh[:k], hh[NODATA : NODATA + 1]]).astype(np.int64)
         conf = host[1].numpy() if self.opts.confidence else None
-        self.sink(ij, BlockOut(host[0].numpy(), conf, hist, run, skipped))
+        self.sink(ij, BlockOut(classes, conf, hist, run, skipped))
 
 
 def _to_host(a: Any, cuda: bool) -> Any:
@@ -259,19 +269,20 @@ def _to_host(a: Any, cuda: bool) -> Any:
     return out
 
 
-def resolve_tensor(acc: Any, valid: Any, *, confidence: bool = False) -> tuple[Any, Any]:
+def resolve_tensor(acc: Any, valid: Any, *, confidence: bool = False) -> tuple[Any, Any, Any]:
     """:func:`geoseg.engine.blend.resolve` on a torch accumulator (any device).
 
-    Returns uint8 classes (``NODATA`` where not valid) and, with
-    ``confidence``, float32 max softmax (-1 where not valid). The argmax
-    keeps the first maximum, as numpy's does.
+    Returns uint8 classes (``NODATA`` where not valid), with ``confidence``
+    float32 max softmax (-1 where not valid, else None), and a 0-d bool
+    tensor that is True when a valid pixel received no tile weight (checked
+    by the caller on the host, so the device never waits for it). The
+    argmax keeps the first maximum, as numpy's does.
     """
     import torch
 
     k = acc.shape[0] - 1
     weight = acc[k]
-    if bool((weight[valid] <= 0).any()):
-        raise RuntimeError("a valid pixel received no tile weight; the tiling is wrong")
+    unweighted = ((weight <= 0) & valid).any()
     best = acc[0].clone()
     classes = torch.zeros(best.shape, dtype=torch.uint8, device=acc.device)
     for c in range(1, k):
@@ -285,4 +296,4 @@ def resolve_tensor(acc: Any, valid: Any, *, confidence: bool = False) -> tuple[A
         conf = (1.0 / torch.exp(logits).sum(dim=0)).to(torch.float32)
         conf.masked_fill_(~valid, -1.0)
     classes.masked_fill_(~valid, NODATA)
-    return classes, conf
+    return classes, conf, unweighted

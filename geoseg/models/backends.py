@@ -187,7 +187,7 @@ class TorchBackend(Backend):
             y = self.module(x)
             if isinstance(y, (tuple, list)):
                 y = y[0]
-            return _upsample(y.float(), tuple(x.shape[-2:]))
+            return _upsample(y.float(), tuple(x.shape[-2:])).contiguous()
 
 
 class OnnxBackend(Backend):
