@@ -30,7 +30,7 @@ import geoseg
 from bench_predict import yolo_checkpoint
 vrt, out, store = sys.argv[1:4]
 model = geoseg.load_model(str(yolo_checkpoint()), device="cpu")
-x = rioxarray.open_rasterio(vrt, chunks={{"band": -1, "x": 2048, "y": 2048}})
+x = rioxarray.open_rasterio(vrt, chunks={{"band": -1, "x": int(sys.argv[4]), "y": int(sys.argv[4])}})
 classes = geoseg.segment(x, model)
 if store == "zarr":
     classes.to_dataset(name="classes").to_zarr(out, mode="w")
@@ -43,13 +43,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 16384])
     ap.add_argument("--store", choices=["raster", "zarr"], default="raster")
+    ap.add_argument("--chunk", type=int, default=2048, help="the input's dask chunk side")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             vrt = mosaic_vrt(SCENE, Path(tmp) / f"m{size}.vrt", size, [1, 2, 3])
             out = Path(tmp) / (f"c{size}.zarr" if args.store == "zarr" else f"c{size}.tif")
-            wall, peak = run_measured([sys.executable, "-c", CHILD, str(vrt), str(out), args.store])
+            wall, peak = run_measured([sys.executable, "-c", CHILD, str(vrt), str(out), args.store, str(args.chunk)])
             rows.append({"scene": f"{size}²", "store": args.store, "wall s": wall, "MPix/s": size * size / 1e6 / wall,
                          "peak RSS MiB": peak})
     base = rows[0]["peak RSS MiB"]
