@@ -30,18 +30,6 @@ class Model:
         return self.backend.card
 
     @property
-    def device(self) -> str:
-        return self.backend.device
-
-    @property
-    def streams(self) -> int:
-        return self.backend.streams
-
-    @property
-    def threads(self) -> int:
-        return self.backend.threads
-
-    @property
     def spec(self) -> Any:
         return getattr(self.backend, "spec", None)
 
@@ -49,7 +37,7 @@ class Model:
         return self.backend(x)
 
     def __getattr__(self, name: str) -> Any:
-        # the backend's own attributes (``module``, ``session``, ``precision`` …)
+        # the backend's own attributes (``device``, ``streams``, ``module``, ``session`` …)
         if name == "backend":
             raise AttributeError(name)
         return getattr(self.backend, name)

@@ -15,6 +15,7 @@ in every engine, the device-resident one included.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -32,7 +33,7 @@ TTA = {
 
 #: Largest tile, in scene pixels, that a resampled tile may span. Beyond it
 #: the scene is first read on a grid of d x d-pixel cells (GDAL average; see
-#: geoseg.io.resampled), so memory stays that of ordinary tiles.
+#: geoseg.io.raster.RasterSource's decimation), so memory stays that of ordinary tiles.
 MAX_NATIVE_TILE = 2048
 
 #: Tiles are never upsampled more than this: a scene this much coarser than
@@ -62,7 +63,7 @@ class _Wrapper:
 
     @property
     def _slots(self) -> Any:
-        return getattr(self.inner, "_slots", None) or _nothing()
+        return getattr(self.inner, "_slots", None) or contextlib.nullcontext()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         import torch
@@ -83,14 +84,6 @@ class _Wrapper:
         if hasattr(self.inner, "forward_tensor"):
             return self.inner.forward_tensor(x)
         return torch.from_numpy(self.inner._forward(x.cpu().numpy())).to(x.device)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 class TestTimeAugmented(_Wrapper):

@@ -76,7 +76,8 @@ def _run_tiles(model: Runnable, data: np.ndarray, valid: np.ndarray, tile_mask: 
     return len(todo), len(origins) - len(todo)
 
 
-def _histogram(classes: np.ndarray, k: int) -> np.ndarray:
+def class_histogram(classes: np.ndarray, k: int) -> np.ndarray:
+    """(K + 1,) int64 pixel counts of a uint8 class block: classes 0..K-1, then nodata."""
     h = np.bincount(classes.ravel(), minlength=256)
     return np.concatenate([h[:k], h[NODATA : NODATA + 1]]).astype(np.int64)
 
@@ -106,7 +107,7 @@ def predict_array(
     run, skipped = _run_tiles(model, data, ok, ok & inside, origins, acc, opts.window(), t, opts.batch_size)
     v = ok[:h, :w]
     classes, conf = resolve(acc[:, :h, :w], v, nodata=NODATA, confidence=opts.confidence)
-    return BlockOut(classes, conf, _histogram(classes, card.num_classes), run, skipped)
+    return BlockOut(classes, conf, class_histogram(classes, card.num_classes), run, skipped)
 
 
 Sink = Callable[[tuple[int, int], BlockOut], Any]
@@ -164,7 +165,7 @@ def compute_block(data: np.ndarray, ok: np.ndarray, model_ref: Any, layout: Layo
     right = acc[:, :bh, bw:ew].copy() if ew > bw else None
     corner = acc[:, bh:eh, bw:ew].copy() if eh > bh and ew > bw else None
     classes, conf = resolve(acc[:, :bh, :bw], ok[:bh, :bw], nodata=NODATA, confidence=opts.confidence)
-    out = BlockOut(classes, conf, _histogram(classes, model.card.num_classes), run, skipped)
+    out = BlockOut(classes, conf, class_histogram(classes, model.card.num_classes), run, skipped)
     return out, (bottom, right, corner)
 
 

@@ -22,18 +22,17 @@ equal :func:`geoseg.engine.blocks.predict_array`'s.
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..geometry.grid import Layout
 from ..geometry.units import NODATA
-from .blocks import BlockOut, Source
+from .blocks import BlockOut, Source, class_histogram
 from .options import RunOptions
 from .schedule import frontier
 
@@ -47,7 +46,6 @@ class Transfers:
     batches: int = 0
     tiles: int = 0
     padded_tiles: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, int]:
         return {"h2d_bytes": self.h2d_bytes, "d2h_bytes": self.d2h_bytes, "batches": self.batches,
@@ -251,12 +249,9 @@ class _DeviceRun:
             event.synchronize()
         if bool(host[-1].numpy()):
             raise RuntimeError("a valid pixel received no tile weight; the tiling is wrong")
-        k = self.k
         classes = host[0].numpy()
-        hh = np.bincount(classes.ravel(), minlength=256)
-        hist = np.concatenate([hh[:k], hh[NODATA : NODATA + 1]]).astype(np.int64)
         conf = host[1].numpy() if self.opts.confidence else None
-        self.sink(ij, BlockOut(classes, conf, hist, run, skipped))
+        self.sink(ij, BlockOut(classes, conf, class_histogram(classes, self.k), run, skipped))
 
 
 def _to_host(a: Any, cuda: bool) -> Any:

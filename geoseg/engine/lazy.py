@@ -27,7 +27,6 @@ import numpy as np
 from ..errors import BandCountError, ConfigError
 from ..geometry.grid import Grid, Layout, reflect_index
 from ..geometry.units import NODATA
-from ..io.resampled import decimated_grid
 from .adapters import MAX_NATIVE_TILE, adapt
 from .blocks import BlockOut, as_runnable, compute_block
 from .options import RunOptions, Tiling, resolve
@@ -274,8 +273,8 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
     if info["ratio"] is not None and tiling.tile is not None and tiling.tile > MAX_NATIVE_TILE:
         d = math.ceil(tiling.tile / MAX_NATIVE_TILE)  # average d x d cells first, as predict reads them
         runner, tiling, _ = adapt(net, replace(asked, gsd=float(net.card.gsd or 0) if gsd == "auto" else gsd),
-                                  decimated_grid(grid, d))
-        full, data, m, nd = data, _coarsen(data, nd, m, d), None, None
+                                  grid.coarsened(d))
+        full, full_nd, data, m, nd = data, nd, _coarsen(data, nd, m, d), None, None
     card = runner.card
     if data.shape[0] != card.in_channels:
         raise BandCountError(
@@ -288,7 +287,7 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
     ref = runner if runner is not net or hasattr(model, "backend") else model  # a ModelSpec stays a spec
     classes, conf = segment_graph(data, m, ref, layout, opts, nd, token)
     if d > 1:
-        valid = full.map_blocks(valid_mask, _nodata_of(xarr, nodata), drop_axis=0, dtype=bool)
+        valid = full.map_blocks(valid_mask, full_nd, drop_axis=0, dtype=bool)
         mask_full = _as_mask(mask, shape)
         valid = valid if mask_full is None else valid & mask_full.astype(bool)
         classes, conf = (_expand(a, d, shape, valid, fill) if a is not None else None

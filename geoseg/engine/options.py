@@ -138,8 +138,7 @@ def resolve(card: Any, shape: tuple[int, int], tiling: Tiling, *, batch_size: in
     builds the layout (stride in the model's ``pad_multiple`` phase) and
     validates the blend window and margin. Nothing is read or written.
     """
-    tile = card.tile_size if tiling.tile is None else tiling.tile
-    check_positive("tile size", tile, "--tile-size")
+    tile = card.tile_size if tiling.tile is None else tiling.tile  # both checked: by Tiling and by the card
     if tile > MAX_TILE:
         raise ConfigError(f"tile size {tile} is larger than {MAX_TILE} px; use --tile-size {card.tile_size}")
     if card.fixed_size and tile != card.tile_size:

@@ -74,6 +74,10 @@ class Grid:
         a, b, _, d, e, _ = self.transform[:6]
         return math.hypot(a, d), math.hypot(b, e)
 
+    def coarsened(self, d: int) -> Grid:
+        """The grid of d × d-pixel cells over this one (the last row and column of cells may be partial)."""
+        return Grid((-(-self.height // d), -(-self.width // d)), self.transform * Affine.scale(d), self.crs)
+
     def __getitem__(self, roi: tuple[slice, slice]) -> Grid:
         rows, cols = roi
         r0, r1 = _bounds(rows, self.height)

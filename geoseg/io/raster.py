@@ -17,7 +17,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import rasterio
 import rasterio.shutil
-from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
@@ -75,17 +75,24 @@ class RasterSource:
     Each thread opens its own GDAL dataset the first time it reads, so the
     source can be shared by dask's threads and shipped to distributed
     workers as a plain path.
+
+    With ``decimation`` d > 1 the source is read on the raster's grid
+    coarsened by d (:meth:`Grid.coarsened`): each pixel is the average of d × d
+    raster pixels (GDAL's average resampling), its validity the mode of
+    theirs; :meth:`native_mask` gives validity at full resolution.
     """
 
     path: str
     bands: tuple[int, ...]
+    decimation: int = 1
     _local: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "bands": self.bands}
+        return {"path": self.path, "bands": self.bands, "decimation": self.decimation}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path, self.bands = state["path"], state["bands"]
+        self.decimation = state.get("decimation", 1)
         self._local = threading.local()
 
     def _ds(self) -> Any:
@@ -109,18 +116,20 @@ class RasterSource:
         declaring it). A raster with none of those is valid everywhere.
         """
         ds = self._ds()
-        h, w = ds.height, ds.width
+        d = self.decimation
+        h, w = -(-ds.height // d), -(-ds.width // d)
         ridx = reflect_index(np.arange(rows.start, rows.stop), h)
         cidx = reflect_index(np.arange(cols.start, cols.stop), w)
         r0, r1 = int(ridx.min()), int(ridx.max()) + 1
         c0, c1 = int(cidx.min()), int(cidx.max()) + 1
-        win = Window(c0, r0, c1 - c0, r1 - r0)
-        data = ds.read(list(self.bands), window=win)
-        flags = [ds.mask_flag_enums[b - 1] for b in self.bands]
-        if all(f == [MaskFlags.all_valid] for f in flags):
+        win = Window(c0 * d, r0 * d, min(c1 * d, ds.width) - c0 * d, min(r1 * d, ds.height) - r0 * d)
+        shape = None if d == 1 else (r1 - r0, c1 - c0)  # None: as stored
+        data = ds.read(list(self.bands), window=win, out_shape=shape and (len(self.bands), *shape),
+                       resampling=Resampling.average)
+        if self._all_valid(ds):
             valid = np.ones(data.shape[1:], dtype=bool)
         else:
-            valid = ds.dataset_mask(window=win) > 0
+            valid = ds.dataset_mask(window=win, out_shape=shape, resampling=Resampling.mode) > 0
         if data.dtype.kind in "fc":
             valid &= np.isfinite(data).all(axis=0)
         inside = rows.start >= 0 and rows.stop <= h and cols.start >= 0 and cols.stop <= w
@@ -128,6 +137,17 @@ class RasterSource:
             data = data[:, ridx - r0][:, :, cidx - c0]
             valid = valid[ridx - r0][:, cidx - c0]
         return data, valid
+
+    def _all_valid(self, ds: Any) -> bool:
+        return all(ds.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in self.bands)
+
+    def native_mask(self, rows: slice, cols: slice) -> np.ndarray | None:
+        """Validity (h, w) of a window of the raster's own grid, or None where every pixel is valid."""
+        ds = self._ds()
+        if self._all_valid(ds):
+            return None
+        return ds.dataset_mask(window=Window(cols.start, rows.start, cols.stop - cols.start,
+                                             rows.stop - rows.start)) > 0
 
 
 @dataclass

@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -96,8 +97,10 @@ class Journal:
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.state)
 
-    def step_done(self, name: str) -> None:
-        state = self.read_state() or {"steps": []}
+    def step_done(self, name: str, **record: Any) -> None:
+        """Record step ``name`` as finished, with what a resumed run needs of it (JSON values)."""
+        state = self.read_state() or {}
+        state.update(record)
         state["steps"] = [*state.get("steps", []), name]
         self.write_state(state)
 

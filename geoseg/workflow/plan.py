@@ -22,7 +22,6 @@ from ..errors import ConfigError, OutputExistsError
 from ..geometry.grid import Grid, Layout
 from ..io.bands import band_mismatch, match_bands, parse_bands, raster_band_names
 from ..io.raster import RasterSource, data_bands, open_raster
-from ..io.resampled import DecimatedSource, decimated_grid
 from ..io.staging import check_output_dir
 from ..io.vector import vector_format
 from ..models.backends import Backend, TorchBackend, auto_batch_size, available_cores
@@ -107,16 +106,28 @@ class Plan:
 
     @property
     def source(self) -> RasterSource:
-        if self.decimation > 1:
-            return DecimatedSource(self.src, tuple(self.bands), decimation=self.decimation)
-        return RasterSource(self.src, tuple(self.bands))
+        return RasterSource(self.src, tuple(self.bands), decimation=self.decimation)
 
 
 _SCHEDULER = re.compile(r"^(tcp|tls|inproc|ucx|ws|wss)://[^\s/]+(:\d+)?/?$|^[\w.\-]+:\d+$")
 
 
+def is_local(scheduler: Any) -> bool:
+    """True for dask's local schedulers (threads in this process), False for a cluster."""
+    return scheduler in (None, "threads", "local", "sync")
+
+
+def block_threads(compute: Compute, net: Any) -> int:
+    """Local threads working on blocks: one more than can compute at once.
+
+    While a thread reads, blends or resolves a block, the spare one keeps
+    every stream (and core) busy with a forward pass.
+    """
+    return compute.num_workers or max(available_cores(), net.streams) + 1
+
+
 def check_scheduler(scheduler: Any) -> None:
-    if scheduler is None or not isinstance(scheduler, str) or scheduler in ("threads", "local", "sync"):
+    if is_local(scheduler) or not isinstance(scheduler, str):
         return
     if not _SCHEDULER.match(scheduler):
         raise ConfigError(
@@ -148,7 +159,7 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
     work, d = grid, 1
     if adapted["ratio"] is not None and tiled.tile is not None and tiled.tile > MAX_NATIVE_TILE:
         d = math.ceil(tiled.tile / MAX_NATIVE_TILE)  # read d x d-pixel cells: tiles stay small
-        work = decimated_grid(grid, d)
+        work = grid.coarsened(d)
         target = tiling.gsd if tiling.gsd != "auto" else float(net.card.gsd or 0)
         runner, tiled, adapted = adapt(net, replace(tiling, gsd=target), work)
     adapted["decimation"] = d
@@ -158,10 +169,8 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
     bs = compute.batch_size or auto_batch_size(net.device, net.card.tile_size if tiling.tile is None else
                                                min(tiling.tile, net.card.tile_size), mc.in_channels)
     engine = _engine(compute, net)
-    local = compute.scheduler in (None, "threads", "local", "sync")
-    cpu = engine == "blocks" and local and net.device == "cpu"
-    workers = compute.num_workers or (available_cores() + 1)
-    target = block_target(work.shape, workers) if cpu else 1024
+    cpu = engine == "blocks" and is_local(compute.scheduler) and net.device == "cpu"
+    target = block_target(work.shape, block_threads(compute, net)) if cpu else 1024
     layout, opts = resolve(mc, work.shape, tiling, batch_size=bs, confidence=outputs.confidence, grid=work,
                            block_target=target)
     if cpu and compute.streams is None and not isinstance(model, Backend) and \
@@ -169,7 +178,7 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
         tile = layout.tile if adapted["ratio"] is None else runner.model_tile
         adapted["calibration"] = calibrate(net, min(tile, MAX_TILE_CALIBRATION), bs)
     model_ref: Any = runner
-    if compute.scheduler not in (None, "threads", "local", "sync"):
+    if not is_local(compute.scheduler):
         spec = getattr(net, "spec", None)
         if spec is None:
             raise ConfigError("a model passed as an object cannot be sent to a cluster; pass its path")
@@ -202,7 +211,7 @@ def _absolute(p: str) -> str:
 
 
 def _engine(compute: Compute, net: Backend) -> str:  # net: the loaded backend (not the wrapped runner)
-    local = compute.scheduler in (None, "threads", "local", "sync")
+    local = is_local(compute.scheduler)
     torch_gpu = isinstance(net, TorchBackend) and net.device.startswith("cuda")
     if compute.engine == "auto":
         return "device" if torch_gpu and local else "blocks"

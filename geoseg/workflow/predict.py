@@ -174,11 +174,8 @@ def _inference_step(plan: Plan, staging: Staging, progress: Callable[[int, int],
         saved["histogram"] = np.asarray(saved["histogram"], np.int64)
         return stages.Counts(**saved)
     counts = stages.inference(plan, staging.dir, progress, journal, scheduler)
-    state = journal.read_state() or {}
-    state["counts"] = {"histogram": counts.histogram.tolist(), "tiles_run": counts.tiles_run,
-                       "tiles_skipped": counts.tiles_skipped, "blocks": counts.blocks,
-                       "transfers": counts.transfers, "cog_s": counts.cog_s}
-    state["steps"] = [*state.get("steps", []), "inference"]
-    journal.write_state(state)
+    journal.step_done("inference", counts={
+        "histogram": counts.histogram.tolist(), "tiles_run": counts.tiles_run, "tiles_skipped": counts.tiles_skipped,
+        "blocks": counts.blocks, "transfers": counts.transfers, "cog_s": counts.cog_s})
     journal.drop_blocks()
     return counts

@@ -14,15 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.blocks import BlockOut
+from ..engine.blocks import BlockOut, class_histogram
 from ..engine.schedule import stream_blocks
 from ..errors import ConfigError
 from ..geometry.units import NODATA
 from ..io.raster import BlockWriter, class_tags
 from ..io.staging import Journal
 from ..io.styles import hex_color, paletted_raster_qml, write_text_atomic
-from ..models.backends import available_cores, torch_threads_kept
-from .plan import Plan
+from ..models.backends import torch_threads_kept
+from .plan import Plan, block_threads
 
 
 @dataclass
@@ -35,15 +35,6 @@ class Counts:
     blocks: int = 0
     transfers: dict[str, int] = field(default_factory=dict)
     cog_s: float = 0.0  # closing the working GeoTIFFs and writing the COGs
-
-
-def block_threads(plan: Plan) -> int:
-    """Local threads working on blocks: one more than can compute at once.
-
-    While a thread reads, blends or resolves a block, the spare one keeps
-    every stream (and core) busy with a forward pass.
-    """
-    return plan.compute.num_workers or max(available_cores(), plan.net.streams) + 1
 
 
 def connect(scheduler: Any) -> tuple[Any, Any]:
@@ -70,7 +61,7 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
     With a ``journal``, each finished block is also saved there, and blocks
     it already holds (a resumed run) are written from it instead of run.
     """
-    mc, layout, d = plan.net.card, plan.layout, plan.decimation
+    mc, layout, d, source = plan.net.card, plan.layout, plan.decimation, plan.source
     palette = mc.palette()
     writers = {"classes": BlockWriter(
         staging / "classes.tif", plan.grid, dtype="uint8", nodata=NODATA, block=layout.block * d,
@@ -88,7 +79,7 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
             journal.save(ij, blk.classes, blk.confidence)
         rows, cols = layout.block_slices(*ij)
         if d > 1:
-            rows, cols, blk = _on_scene_grid(plan, rows, cols, blk)
+            rows, cols, blk = _on_scene_grid(plan, source, rows, cols, blk)
         writers["classes"].write(rows, cols, blk.classes)
         if blk.confidence is not None:
             writers["confidence"].write(rows, cols, blk.confidence)
@@ -108,11 +99,11 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
             if plan.engine == "device":
                 from ..engine.device import run_on_device
 
-                counts.transfers = run_on_device(plan.source, plan.runner, layout, plan.opts, sink,
+                counts.transfers = run_on_device(source, plan.runner, layout, plan.opts, sink,
                                                  done=done).as_dict()
             else:
-                stream_blocks(plan.source, plan.model_ref, layout, plan.opts, sink, scheduler=scheduler,
-                              num_workers=block_threads(plan), done=done)
+                stream_blocks(source, plan.model_ref, layout, plan.opts, sink, scheduler=scheduler,
+                              num_workers=block_threads(plan.compute, plan.net), done=done)
         t = time.perf_counter()
         writers["classes"].finish(resampling="mode", category_names=list(mc.classes))
         if "confidence" in writers:
@@ -126,7 +117,8 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
     return counts
 
 
-def _on_scene_grid(plan: Plan, rows: slice, cols: slice, blk: BlockOut) -> tuple[slice, slice, BlockOut]:
+def _on_scene_grid(plan: Plan, source: Any, rows: slice, cols: slice,
+                   blk: BlockOut) -> tuple[slice, slice, BlockOut]:
     """A block of the decimated working grid as the scene pixels it covers (each cell d x d pixels)."""
     d = plan.decimation
     h, w = plan.grid.shape
@@ -138,25 +130,21 @@ def _on_scene_grid(plan: Plan, rows: slice, cols: slice, blk: BlockOut) -> tuple
 
     classes = up(blk.classes)
     conf = up(blk.confidence) if blk.confidence is not None else None
-    mask = plan.source.native_mask(r, c)  # type: ignore[attr-defined]
+    mask = source.native_mask(r, c)
     if mask is not None:  # the scene's own nodata, at full resolution
         classes[~mask] = NODATA
         if conf is not None:
             conf[~mask] = -1.0
     k = plan.net.card.num_classes
-    hist = np.bincount(classes.ravel(), minlength=256)
-    hist = np.concatenate([hist[:k], hist[NODATA : NODATA + 1]]).astype(np.int64)
-    return r, c, BlockOut(classes, conf, hist, blk.tiles_run, blk.tiles_skipped)
+    return r, c, BlockOut(classes, conf, class_histogram(classes, k), blk.tiles_run, blk.tiles_skipped)
 
 
 def _saved_block(journal: Any, ij: tuple[int, int], plan: Plan) -> BlockOut:
     classes = journal.load(ij)
     conf = journal.load(ij, "confidence") if plan.outputs.confidence else None
     k = plan.net.card.num_classes
-    h = np.bincount(classes.ravel(), minlength=256)
-    hist = np.concatenate([h[:k], h[NODATA : NODATA + 1]]).astype(np.int64)
     tiles = len(plan.layout.block_tiles(*ij))  # run before the interruption (nodata tiles counted as run)
-    return BlockOut(classes, conf, hist, tiles, 0)
+    return BlockOut(classes, conf, class_histogram(classes, k), tiles, 0)
 
 
 def post(plan: Plan, staging: Path, journal: Journal | None = None,
@@ -175,25 +163,18 @@ def post(plan: Plan, staging: Path, journal: Journal | None = None,
     classes = staging / "classes.tif"
     if o.min_area and "sieve" not in steps:
         vec["sieve_pixels"] = sieve(classes, o.min_area)
-        _step(journal, "sieve", vec)
+        if journal is not None:
+            journal.step_done("sieve", vectorize=vec)
     if o.polygons and "polygons" not in steps:
         executor = None if isinstance(scheduler, str) else scheduler.get_executor()  # on a cluster: its workers
         vec.update(vectorize(classes, staging / "polygons", fmt=o.vector_format, simplify=o.simplify,
                              overwrite=True, num_workers=plan.compute.num_workers, executor=executor))
         vec["path"] = str(plan.out / Path(vec["path"]).name)
-        _step(journal, "polygons", vec)
+        if journal is not None:
+            journal.step_done("polygons", vectorize=vec)
     areas = area_stats(classes, zones=o.zones, zone_field=o.zone_field)
     write_stats(areas, staging, source=plan.given)
     return vec, areas
-
-
-def _step(journal: Journal | None, name: str, vec: dict[str, Any]) -> None:
-    if journal is None:
-        return
-    state = journal.read_state() or {}
-    state["vectorize"] = vec
-    state["steps"] = [*state.get("steps", []), name]
-    journal.write_state(state)
 
 
 def quicklook(plan: Plan, staging: Path) -> None:
