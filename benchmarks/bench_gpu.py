@@ -1,6 +1,6 @@
 """GPU benchmark: the model alone, then ``geoseg predict`` on the device-resident engine.
 
-    python benchmarks/bench_gpu.py [--sizes 8192 16384] [--batch-size 64] [--precision fp16]
+    python benchmarks/bench_gpu.py [--sizes 8192 16384] [--batch-size 64] [--precision fp16] [--engine blocks]
 
 Needs only the package, torch with CUDA and a GPU (rasterio for reading;
 no ../shared: the scene is a VRT mosaic of ``data/scenes/field-ortho.tif``).
@@ -54,9 +54,9 @@ def model_only(batch: int, precision: str, device: str, seconds: float = 5.0) ->
     return n / (time.perf_counter() - t0)
 
 
-def predict_run(vrt: Path, out: Path, batch: int, precision: str, device: str) -> dict:
+def predict_run(vrt: Path, out: Path, batch: int, precision: str, device: str, engine: str) -> dict:
     cmd = [sys.executable, "-m", "geoseg", "predict", str(vrt), "-o", str(out), "--bands", "1,2,3",
-           "--no-polygons", "--device", device, "--engine", "device", "--batch-size", str(batch),
+           "--no-polygons", "--gsd", "off", "--device", device, "--engine", engine, "--batch-size", str(batch),
            "--precision", precision, "--overwrite", "-q"]
     wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
                "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("--device", default="cuda", help="cpu only to check this script without a GPU")
+    ap.add_argument("--engine", default="device", choices=["device", "blocks"],
+                    help="blocks: the host-blending engine, for comparison")
     args = ap.parse_args()
     import torch
 
@@ -90,14 +92,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             vrt = mosaic_vrt(SCENE, Path(tmp) / f"mosaic-{size}.vrt", size, [1, 2, 3])
-            r = predict_run(vrt, Path(tmp) / f"out-{size}", args.batch_size, args.precision, args.device)
+            r = predict_run(vrt, Path(tmp) / f"out-{size}", args.batch_size, args.precision, args.device,
+                            args.engine)
             run = r["run"]
             tiles = run["counts"]["tiles_run"]
             infer_s = run["timings"]["inference_s"]
             tr = run.get("transfers", {})
             rows.append({"size": f"{size}²", "model-only tiles/s": mo, "predict tiles/s": tiles / infer_s,
                          "ratio": tiles / infer_s / mo, "whole run MPix/s": size * size / 1e6 / r["wall"],
-                         "inference s": infer_s, "COG s": run["timings"]["cog_s"], "wall s": r["wall"],
+                         "in-process MPix/s": size * size / 1e6 / run["timings"]["total_s"],
+                         "setup s": run["timings"]["setup_s"], "inference s": infer_s,
+                         "COG s": run["timings"]["cog_s"], "wall s": r["wall"],
                          "peak RSS MiB": r["rss"], "H2D MiB": tr.get("h2d_bytes", 0) / 2**20,
                          "D2H MiB": tr.get("d2h_bytes", 0) / 2**20, "engine": run["options"]["engine"]})
     print(f"\n{card_name}, {os.cpu_count()} CPU cores, torch {torch.__version__}, batch {args.batch_size}, "

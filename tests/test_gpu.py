@@ -1,0 +1,124 @@
+"""The device-resident engine on a real CUDA GPU (skipped without one).
+
+Run by hand where a GPU is present: ``pytest -m gpu``. On a GPU the forward
+pass differs from the CPU's in the last bits (other convolution kernels,
+fp16 autocast), so these tests compare classes by agreement, and bit-exact
+only where the arithmetic is the same (fp32, batches of different sizes).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+
+import geoseg
+from geoseg.engine.device import run_on_device
+from geoseg.engine.options import RunOptions
+from geoseg.geometry.grid import Grid, Layout
+
+from .conftest import small_cnn, smooth_image, write_raster
+from .test_engine import CountingBackend, _ArraySourceWithMask, _image_with_nodata, _reference
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """No TF32 in fp32 convolutions, so fp32 on the GPU is close to the CPU's."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _cuda_model(cnn_model, precision="fp32"):
+    return geoseg.load_model(small_cnn(), card=cnn_model.card, device="cuda", precision=precision)
+
+
+def _run(model, img, valid, batch_size, confidence=True):
+    layout = Layout.create(Grid(img.shape[1:], _identity()), tile=64, overlap=16,
+                           pad_multiple=model.card.pad_multiple, block_target=96)
+    opts = RunOptions(layout.tile, layout.overlap, "hann", batch_size, confidence)
+    out = np.full(img.shape[1:], 254, np.uint8)
+    conf = np.zeros(img.shape[1:], np.float32)
+    counting = CountingBackend(model.backend)
+
+    def sink(ij, blk):
+        rows, cols = layout.block_slices(*ij)
+        out[rows, cols] = blk.classes
+        if confidence:
+            conf[rows, cols] = blk.confidence
+
+    stats = run_on_device(_ArraySourceWithMask(img, valid), counting, layout, opts, sink)
+    return out, conf, stats, layout
+
+
+def _identity():
+    from affine import Affine
+
+    return Affine.identity()
+
+
+def test_cuda_fp32_equals_cpu_predict_array(cnn_model):
+    img, valid = _image_with_nodata()
+    ref = _reference(cnn_model.backend, img, valid, 64, 16, confidence=True)
+    out, conf, stats, layout = _run(_cuda_model(cnn_model), img, valid, 16)
+    assert (out == ref.classes).mean() > 0.9999
+    np.testing.assert_allclose(conf, ref.confidence, atol=1e-4)
+    assert stats.tiles == ref.tiles_run
+    # one batch shape on CUDA: the last batch is padded, and padding never reaches the map
+    assert stats.padded_tiles == stats.batches * 16 - stats.tiles
+    assert stats.d2h_bytes == sum(5 * _size(layout, ij) + 1 for ij in layout.iter_blocks())
+
+
+def test_cuda_batches_across_blocks_change_no_pixel(cnn_model):
+    img, valid = _image_with_nodata(seed=9)
+    model = _cuda_model(cnn_model)
+    torch.backends.cudnn.deterministic = True
+    try:
+        a = _run(model, img, valid, 1)[:2]
+        b = _run(model, img, valid, 7)[:2]
+    finally:
+        torch.backends.cudnn.deterministic = False
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+
+
+def test_cuda_fp16_agrees_with_fp32(cnn_model):
+    img, valid = _image_with_nodata(seed=2)
+    a = _run(_cuda_model(cnn_model, "fp32"), img, valid, 16, confidence=False)[0]
+    b = _run(_cuda_model(cnn_model, "fp16"), img, valid, 16, confidence=False)[0]
+    assert (a == b).mean() > 0.995
+    assert (b[~valid] == 255).all()
+
+
+def _size(layout, ij):
+    r, c = layout.block_slices(*ij)
+    return (r.stop - r.start) * (c.stop - c.start)
+
+
+def test_predict_on_cuda_picks_the_device_engine(tmp_path, yolo_checkpoint):
+    path = write_raster(tmp_path / "s.tif", smooth_image((3, 900, 780), seed=8))
+    cpu = geoseg.predict(path, tmp_path / "cpu", model=yolo_checkpoint, device="cpu", engine="blocks",
+                         polygons=False, tile_size=128, tta="d4")
+    gpu = geoseg.predict(path, tmp_path / "gpu", model=yolo_checkpoint, device="cuda", polygons=False,
+                         tile_size=128, precision="fp32", tta="d4")
+    run = json.loads((gpu.output / "run.json").read_text())
+    assert run["options"]["engine"] == "device"
+    assert run["transfers"]["d2h_bytes"] == 900 * 780 + run["counts"]["blocks"]
+    assert run["transfers"]["tiles"] == run["counts"]["tiles_run"]
+    with rasterio.open(cpu.output / "classes.tif") as a, rasterio.open(gpu.output / "classes.tif") as b:
+        x, y = a.read(1), b.read(1)
+    assert (x == y).mean() > 0.99
+
+
+def test_builtin_model_on_cuda_fp16_agrees_with_cpu():
+    img = smooth_image((3, 700, 700), seed=3)
+    cpu, _ = geoseg.infer(img, geoseg.load_model("geoseg-landcover-n", device="cpu"))
+    gpu, _ = geoseg.infer(img, geoseg.load_model("geoseg-landcover-n", device="cuda", precision="fp16"))
+    assert (cpu == gpu).mean() > 0.99
