@@ -104,13 +104,18 @@ def main() -> None:
                          "setup s": run["timings"]["setup_s"], "inference s": infer_s,
                          "COG s": run["timings"]["cog_s"], "wall s": r["wall"],
                          "peak RSS MiB": r["rss"], "H2D MiB": tr.get("h2d_bytes", 0) / 2**20,
-                         "D2H MiB": tr.get("d2h_bytes", 0) / 2**20, "engine": run["options"]["engine"]})
+                         "D2H MiB": tr.get("d2h_bytes", 0) / 2**20, "engine": run["options"]["engine"],
+                         "blocks": run["counts"]["blocks"], "phases s": tr.get("seconds", {})})
     print(f"\n{card_name}, {os.cpu_count()} CPU cores, torch {torch.__version__}, batch {args.batch_size}, "
           f"{args.precision}, built-in geoseg-landcover-n, 512² tiles\n")
+    phases = [(row["size"], row.pop("phases s")) for row in rows]
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for row in rows:
         print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    for size, p in phases:  # the device engine's driver thread: where its time went
+        if p:
+            print(f"\n{size} driver phases (s): " + ", ".join(f"{k} {v:.3g}" for k, v in p.items()))
 
 
 if __name__ == "__main__":

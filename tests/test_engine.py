@@ -115,7 +115,8 @@ class _ArraySourceWithMask:
         return self.src.read(rows, cols)
 
 
-def test_predict_device_engine_equals_blocks_engine_and_records_transfers(tmp_path, yolo_checkpoint):
+def test_predict_device_engine_equals_blocks_engine_and_records_transfers(tmp_path, yolo_checkpoint, monkeypatch):
+    monkeypatch.setattr("geoseg.workflow.plan.DEVICE_BLOCK", 256)  # several blocks on a small scene
     path = write_raster(tmp_path / "s.tif", smooth_image((3, 700, 650), seed=8))
     a = geoseg.predict(path, tmp_path / "a", model=yolo_checkpoint, device="cpu", engine="blocks",
                        polygons=False, tile_size=128, batch_size=3)
@@ -128,6 +129,8 @@ def test_predict_device_engine_equals_blocks_engine_and_records_transfers(tmp_pa
     t = run["transfers"]
     assert t["tiles"] == run["counts"]["tiles_run"] == a.tiles_run
     assert t["d2h_bytes"] == 700 * 650 + run["counts"]["blocks"]
+    assert run["counts"]["blocks"] > 4
+    assert set(t["seconds"]) == {"read_wait", "load", "forward", "finish", "write_wait", "writers_busy"}
     assert "transfers" not in json.loads((a.output / "run.json").read_text())
 
 
@@ -263,8 +266,9 @@ def test_raster_source_and_dask_source_agree_on_nodata(tmp_path):
     np.testing.assert_array_equal(ok, valid_mask(data, 0))
 
 
-def test_device_engine_resumes_to_the_same_classes(tmp_path, yolo_checkpoint):
+def test_device_engine_resumes_to_the_same_classes(tmp_path, yolo_checkpoint, monkeypatch):
     """Interrupted after two blocks, resumed: frontier blocks run again for their strips only."""
+    monkeypatch.setattr("geoseg.workflow.plan.DEVICE_BLOCK", 256)
     data = smooth_image((3, 1100, 1000), seed=14)
     data[:, 600:, :300] = 0  # a nodata corner: blocks with nothing to run
     path = write_raster(tmp_path / "s.tif", data, nodata=0)

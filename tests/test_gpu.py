@@ -102,7 +102,8 @@ def _size(layout, ij):
     return (r.stop - r.start) * (c.stop - c.start)
 
 
-def test_predict_on_cuda_picks_the_device_engine(tmp_path, yolo_checkpoint):
+def test_predict_on_cuda_picks_the_device_engine(tmp_path, yolo_checkpoint, monkeypatch):
+    monkeypatch.setattr("geoseg.workflow.plan.DEVICE_BLOCK", 256)  # several blocks on a small scene
     path = write_raster(tmp_path / "s.tif", smooth_image((3, 900, 780), seed=8))
     cpu = geoseg.predict(path, tmp_path / "cpu", model=yolo_checkpoint, device="cpu", engine="blocks",
                          polygons=False, tile_size=128, tta="d4")

@@ -22,10 +22,13 @@ equal :func:`geoseg.engine.blocks.predict_array`'s.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,17 +42,43 @@ from .schedule import frontier
 
 @dataclass
 class Transfers:
-    """Bytes that crossed between host and device, and forward passes run."""
+    """Bytes that crossed between host and device, forward passes run, and where the driver's time went.
+
+    ``seconds`` holds the driver thread's wall time in each phase (waiting
+    for reads, moving blocks in, queueing forward passes, resolving blocks,
+    waiting for the writers; device work is asynchronous, so it shows where
+    the driver had to wait for it) and the writers' busy time summed over
+    their threads.
+    """
 
     h2d_bytes: int = 0
     d2h_bytes: int = 0
     batches: int = 0
     tiles: int = 0
     padded_tiles: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return {"h2d_bytes": self.h2d_bytes, "d2h_bytes": self.d2h_bytes, "batches": self.batches,
-                "tiles": self.tiles, "padded_tiles": self.padded_tiles}
+                "tiles": self.tiles, "padded_tiles": self.padded_tiles,
+                "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
+
+
+PHASES = ("read_wait", "load", "forward", "finish", "write_wait", "writers_busy")
+
+
+@contextmanager
+def _timed(stats: Transfers, phase: str, lock: threading.Lock | None = None) -> Iterator[None]:
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        dt = time.perf_counter() - t
+        if lock is None:
+            stats.seconds[phase] += dt
+        else:
+            with lock:
+                stats.seconds[phase] += dt
 
 
 @dataclass
@@ -117,6 +146,8 @@ class _DeviceRun:
         self.source, self.backend, self.layout, self.opts, self.sink = source, backend, layout, opts, sink
         self.dev = torch.device(backend.device)
         self.cuda = self.dev.type == "cuda"
+        self.stream = torch.cuda.current_stream(self.dev) if self.cuda else None
+        self.lock = threading.Lock()
         card = backend.card
         self.k = card.num_classes
         self.batch = max(1, opts.batch_size)
@@ -152,11 +183,16 @@ class _DeviceRun:
             if not (self.reads or self.queue or self.active):
                 break
             while self.reads and len(self.queue) < self.batch:  # batches fill across blocks
-                self.load(self.order[self.next - len(self.reads)], self.reads.popleft().result())
+                ij = self.order[self.next - len(self.reads)]
+                with _timed(self.stats, "read_wait"):
+                    read = self.reads.popleft().result()
+                with _timed(self.stats, "load"):
+                    self.load(ij, read)
                 fill()
                 self.finish_ready(wpool)  # blocks with nothing to run (nodata) do not pile up on the device
             if self.queue:
-                self.run_batch()
+                with _timed(self.stats, "forward"):
+                    self.run_batch()
             self.finish_ready(wpool)
         for f in self.written:
             f.result()
@@ -164,7 +200,8 @@ class _DeviceRun:
     def finish_ready(self, wpool: ThreadPoolExecutor) -> None:
         """Finish the blocks at the front whose tiles have all run (blocks finish in row-major order)."""
         while self.active and self.active[0].pending == 0:
-            self.finish(self.active.popleft(), wpool)
+            with _timed(self.stats, "finish"):
+                self.finish(self.active.popleft(), wpool)
 
     def cancel(self) -> None:
         for f in (*self.reads, *self.written):
@@ -238,20 +275,22 @@ class _DeviceRun:
         self.stats.d2h_bytes += sum(a.numel() * a.element_size() for a in host)
         event = torch.cuda.Event(blocking=True) if self.cuda else None
         if event is not None:
-            event.record(torch.cuda.current_stream(self.dev))
+            event.record(self.stream)
         out = (b.ij, host, len(b.tiles), b.skipped, event)
-        while len(self.written) >= self.max_written:  # bound the blocks waiting for the writer
-            self.written.popleft().result()
+        with _timed(self.stats, "write_wait"):
+            while len(self.written) >= self.max_written:  # bound the blocks waiting for the writer
+                self.written.popleft().result()
         self.written.append(pool.submit(self.write, *out))
 
     def write(self, ij: tuple[int, int], host: list[Any], run: int, skipped: int, event: Any) -> None:
         if event is not None:
             event.synchronize()
-        if bool(host[-1].numpy()):
-            raise RuntimeError("a valid pixel received no tile weight; the tiling is wrong")
-        classes = host[0].numpy()
-        conf = host[1].numpy() if self.opts.confidence else None
-        self.sink(ij, BlockOut(classes, conf, class_histogram(classes, self.k), run, skipped))
+        with _timed(self.stats, "writers_busy", self.lock):
+            if bool(host[-1].numpy()):
+                raise RuntimeError("a valid pixel received no tile weight; the tiling is wrong")
+            classes = host[0].numpy()
+            conf = host[1].numpy() if self.opts.confidence else None
+            self.sink(ij, BlockOut(classes, conf, class_histogram(classes, self.k), run, skipped))
 
 
 def _to_host(a: Any, cuda: bool) -> Any:

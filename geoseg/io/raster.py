@@ -23,6 +23,7 @@ from rasterio.windows import Window
 
 from ..errors import InputNotFoundError, NotARasterError
 from ..geometry.grid import Grid, reflect_index
+from .overviews import Pyramid, levels_for
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -190,7 +191,7 @@ class BlockWriter:
 
     def __init__(self, final: Path, grid: Grid, *, dtype: str, nodata: float, block: int,
                  colormap: dict[int, tuple[int, int, int, int]] | None = None,
-                 tags: dict[str, str] | None = None, description: str = ""):
+                 tags: dict[str, str] | None = None, description: str = "", resampling: str = "mode"):
         self.final = Path(final)
         self.work = self.final.with_name(f".{self.final.name}.part.tif")
         self.cog = self.final.with_name(f".{self.final.name}.cog.tif")
@@ -203,6 +204,9 @@ class BlockWriter:
             crs=grid.crs, transform=grid.transform, nodata=nodata, tiled=True,
             blockxsize=t, blockysize=t, compress="ZSTD", zstd_level=1, bigtiff="IF_SAFER",
         )
+        self.resampling = resampling
+        levels = levels_for(grid.shape, block)
+        self._pyramid = Pyramid(self.work, profile, levels, block, resampling) if levels else None
         self._ds = rasterio.open(self.work, "w", **profile)
         if colormap:
             self._ds.write_colormap(1, colormap)
@@ -215,18 +219,23 @@ class BlockWriter:
         win = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
         with self._lock:
             self._ds.write(block, 1, window=win)
+        if self._pyramid is not None:  # on the writing thread, outside the lock
+            self._pyramid.write(rows, cols, block)
 
-    def finish(self, *, resampling: str, category_names: list[str] | None = None) -> None:
+    def finish(self, *, category_names: list[str] | None = None) -> None:
         """Close the working file and publish it as a COG with overviews."""
         self._ds.close()
+        how = self.resampling.upper()
         try:
+            src, overviews = self.work, "AUTO"
+            if self._pyramid is not None:
+                src, overviews = self._pyramid.as_vrt(self.work, _vrt(self.work)), "FORCE_USE_EXISTING"
             rasterio.shutil.copy(
-                self.work, self.cog, driver="COG", COMPRESS="DEFLATE", LEVEL=6,
-                BLOCKSIZE=512, OVERVIEWS="AUTO", RESAMPLING=resampling.upper(),
-                OVERVIEW_RESAMPLING=resampling.upper(), BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
+                src, self.cog, driver="COG", COMPRESS="DEFLATE", LEVEL=6, BLOCKSIZE=512, OVERVIEWS=overviews,
+                RESAMPLING=how, OVERVIEW_RESAMPLING=how, BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
             )
         finally:
-            self.work.unlink(missing_ok=True)
+            self._remove_work()
         if category_names:
             _write_category_names(self.cog, category_names)
             os.replace(_aux(self.cog), _aux(self.final))
@@ -236,8 +245,19 @@ class BlockWriter:
         """Remove every temporary file; the final name is never touched."""
         if not self._ds.closed:
             self._ds.close()
-        for p in (self.work, self.cog, _aux(self.cog)):
+        self._remove_work()
+        for p in (self.cog, _aux(self.cog)):
             p.unlink(missing_ok=True)
+
+    def _remove_work(self) -> None:
+        if self._pyramid is not None:
+            self._pyramid.remove()
+        for p in (self.work, _vrt(self.work)):
+            p.unlink(missing_ok=True)
+
+
+def _vrt(path: Path) -> Path:
+    return path.with_name(path.name + ".vrt")
 
 
 def _aux(path: Path) -> Path:

@@ -138,7 +138,7 @@ def sieve(path: Path, min_area_m2: float, *, block: int = SIEVE_BLOCK) -> int:
                 writer.write(rows, cols, blocks.sieved(i))
         aux = path.with_name(path.name + ".aux.xml")
         names = json.loads(tags["GEOSEG_CLASSES"]) if "GEOSEG_CLASSES" in tags else None
-        writer.finish(resampling="mode", category_names=names if aux.exists() or names else None)
+        writer.finish(category_names=names if aux.exists() or names else None)
     except BaseException:
         writer.abort()
         raise

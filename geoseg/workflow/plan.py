@@ -170,7 +170,9 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
                                                min(tiling.tile, net.card.tile_size), mc.in_channels)
     engine = _engine(compute, net)
     cpu = engine == "blocks" and is_local(compute.scheduler) and net.device == "cpu"
-    target = block_target(work.shape, block_threads(compute, net)) if cpu else 1024
+    # the device engine's per-block cost is host-side (Python, kernel launches): fewer, larger blocks
+    target = block_target(work.shape, block_threads(compute, net)) if cpu else DEVICE_BLOCK if \
+        engine == "device" else 1024
     layout, opts = resolve(mc, work.shape, tiling, batch_size=bs, confidence=outputs.confidence, grid=work,
                            block_target=target)
     if cpu and compute.streams is None and not isinstance(model, Backend) and \
@@ -208,6 +210,9 @@ def _choose_bands(src: str, bands: Sequence[int | str] | None, names: list[str |
 def _absolute(p: str) -> str:
     """A file path made absolute in the client, so workers with another working directory find it."""
     return str(Path(p).resolve()) if Path(p).exists() else p
+
+
+DEVICE_BLOCK = 2048
 
 
 def _engine(compute: Compute, net: Backend) -> str:  # net: the loaded backend (not the wrapped runner)

@@ -21,7 +21,7 @@ from ..geometry.units import NODATA
 from ..io.raster import BlockWriter, class_tags
 from ..io.staging import Journal
 from ..io.styles import hex_color, paletted_raster_qml, write_text_atomic
-from ..models.backends import torch_threads_kept
+from ..models.backends import available_cores, torch_threads_kept
 from .plan import Plan, block_threads
 
 
@@ -69,7 +69,8 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
         tags=class_tags(list(mc.classes), [hex_color(p) for p in palette]), description="class")}
     if plan.outputs.confidence:
         writers["confidence"] = BlockWriter(staging / "confidence.tif", plan.grid, dtype="float32", nodata=-1.0,
-                                            block=layout.block * d, description="confidence (max softmax)")
+                                            block=layout.block * d, description="confidence (max softmax)",
+                                            resampling="average")
     total = layout.blocks[0] * layout.blocks[1]
     counts = Counts(np.zeros(mc.num_classes + 1, np.int64))
     lock = threading.Lock()
@@ -99,15 +100,16 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
             if plan.engine == "device":
                 from ..engine.device import run_on_device
 
-                counts.transfers = run_on_device(source, plan.runner, layout, plan.opts, sink,
-                                                 done=done).as_dict()
+                io = max(2, min(8, available_cores() // 2))  # reader and writer threads each
+                counts.transfers = run_on_device(source, plan.runner, layout, plan.opts, sink, readers=io,
+                                                 prefetch=2 * io, writers=io, done=done).as_dict()
             else:
                 stream_blocks(source, plan.model_ref, layout, plan.opts, sink, scheduler=scheduler,
                               num_workers=block_threads(plan.compute, plan.net), done=done)
         t = time.perf_counter()
-        writers["classes"].finish(resampling="mode", category_names=list(mc.classes))
+        writers["classes"].finish(category_names=list(mc.classes))
         if "confidence" in writers:
-            writers["confidence"].finish(resampling="average")
+            writers["confidence"].finish()
         counts.cog_s = time.perf_counter() - t
     except BaseException:
         for w in writers.values():
