@@ -89,9 +89,10 @@ def test_device_engine_on_cpu_tensors_equals_predict_array(cnn_model, batch_size
     assert run[0] == ref.tiles_run == counting.tiles == stats.tiles
     # batches span blocks: every forward pass but the last is full
     assert stats.batches == -(-stats.tiles // batch_size)
-    # bytes: raw uint8 input + bool mask in; uint8 classes + float32 confidence + a 1-byte flag out
+    # bytes: raw uint8 input + bool mask in; uint8 classes + float32 confidence + a 256-bin int64 histogram
+    # + a 1-byte flag out
     h2d = sum(3 * _extent(layout, ij) + _extent(layout, ij) for ij in layout.iter_blocks())
-    d2h = sum(5 * _size(layout, ij) + 1 for ij in layout.iter_blocks())
+    d2h = sum(5 * _size(layout, ij) + 1 + 2048 for ij in layout.iter_blocks())
     assert (stats.h2d_bytes, stats.d2h_bytes) == (h2d, d2h)
 
 
@@ -128,7 +129,7 @@ def test_predict_device_engine_equals_blocks_engine_and_records_transfers(tmp_pa
     assert run["options"]["engine"] == "device"
     t = run["transfers"]
     assert t["tiles"] == run["counts"]["tiles_run"] == a.tiles_run
-    assert t["d2h_bytes"] == 700 * 650 + run["counts"]["blocks"]
+    assert t["d2h_bytes"] == 700 * 650 + 2049 * run["counts"]["blocks"]
     assert run["counts"]["blocks"] > 4
     assert set(t["seconds"]) == {"read_wait", "load", "forward", "finish", "write_wait", "writers_busy"}
     assert "transfers" not in json.loads((a.output / "run.json").read_text())

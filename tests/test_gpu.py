@@ -40,7 +40,7 @@ def _cuda_model(cnn_model, precision="fp32"):
     return geoseg.load_model(small_cnn(), card=cnn_model.card, device="cuda", precision=precision)
 
 
-def _run(model, img, valid, batch_size, confidence=True):
+def _run(model, img, valid, batch_size, confidence=True, graph=None):
     layout = Layout.create(Grid(img.shape[1:], _identity()), tile=64, overlap=16,
                            pad_multiple=model.card.pad_multiple, block_target=96)
     opts = RunOptions(layout.tile, layout.overlap, "hann", batch_size, confidence)
@@ -54,7 +54,7 @@ def _run(model, img, valid, batch_size, confidence=True):
         if confidence:
             conf[rows, cols] = blk.confidence
 
-    stats = run_on_device(_ArraySourceWithMask(img, valid), counting, layout, opts, sink)
+    stats = run_on_device(_ArraySourceWithMask(img, valid), counting, layout, opts, sink, graph=graph)
     return out, conf, stats, layout
 
 
@@ -73,7 +73,7 @@ def test_cuda_fp32_equals_cpu_predict_array(cnn_model):
     assert stats.tiles == ref.tiles_run
     # one batch shape on CUDA: the last batch is padded, and padding never reaches the map
     assert stats.padded_tiles == stats.batches * 16 - stats.tiles
-    assert stats.d2h_bytes == sum(5 * _size(layout, ij) + 1 for ij in layout.iter_blocks())
+    assert stats.d2h_bytes == sum(5 * _size(layout, ij) + 2049 for ij in layout.iter_blocks())
 
 
 def test_cuda_batches_across_blocks_change_no_pixel(cnn_model):
@@ -87,6 +87,17 @@ def test_cuda_batches_across_blocks_change_no_pixel(cnn_model):
         torch.backends.cudnn.deterministic = False
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_graph_replay_equals_eager(cnn_model, precision):
+    img, valid = _image_with_nodata(seed=5)
+    model = _cuda_model(cnn_model, precision)
+    eager = _run(model, img, valid, 16, graph=False)
+    graphed = _run(model, img, valid, 16, graph=True)
+    assert graphed[2].cuda_graph and not eager[2].cuda_graph
+    np.testing.assert_array_equal(graphed[0], eager[0])
+    np.testing.assert_allclose(graphed[1], eager[1], atol=1e-6)
 
 
 def test_cuda_fp16_agrees_with_fp32(cnn_model):
@@ -111,7 +122,8 @@ def test_predict_on_cuda_picks_the_device_engine(tmp_path, yolo_checkpoint, monk
                          tile_size=128, precision="fp32", tta="d4")
     run = json.loads((gpu.output / "run.json").read_text())
     assert run["options"]["engine"] == "device"
-    assert run["transfers"]["d2h_bytes"] == 900 * 780 + run["counts"]["blocks"]
+    assert run["transfers"]["d2h_bytes"] == 900 * 780 + 2049 * run["counts"]["blocks"]
+    assert run["transfers"]["cuda_graph"]
     assert run["transfers"]["tiles"] == run["counts"]["tiles_run"]
     with rasterio.open(cpu.output / "classes.tif") as a, rasterio.open(gpu.output / "classes.tif") as b:
         x, y = a.read(1), b.read(1)

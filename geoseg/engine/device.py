@@ -35,9 +35,11 @@ import numpy as np
 
 from ..geometry.grid import Layout
 from ..geometry.units import NODATA
-from .blocks import BlockOut, Source, class_histogram
+from .blocks import BlockOut, Source
 from .options import RunOptions
 from .schedule import frontier
+
+PHASES = ("read_wait", "load", "forward", "finish", "write_wait", "writers_busy")
 
 
 @dataclass
@@ -56,15 +58,13 @@ class Transfers:
     batches: int = 0
     tiles: int = 0
     padded_tiles: int = 0
+    cuda_graph: bool = False
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     def as_dict(self) -> dict[str, Any]:
         return {"h2d_bytes": self.h2d_bytes, "d2h_bytes": self.d2h_bytes, "batches": self.batches,
-                "tiles": self.tiles, "padded_tiles": self.padded_tiles,
+                "tiles": self.tiles, "padded_tiles": self.padded_tiles, "cuda_graph": self.cuda_graph,
                 "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
-
-
-PHASES = ("read_wait", "load", "forward", "finish", "write_wait", "writers_busy")
 
 
 @contextmanager
@@ -110,7 +110,8 @@ def _read(source: Source, layout: Layout, ij: tuple[int, int], pin: bool) -> tup
 
 def run_on_device(source: Source, backend: Any, layout: Layout, opts: RunOptions,
                   sink: Callable[[tuple[int, int], BlockOut], Any], *, readers: int = 4, prefetch: int = 6,
-                  writers: int = 2, done: frozenset[tuple[int, int]] = frozenset()) -> Transfers:
+                  writers: int = 2, done: frozenset[tuple[int, int]] = frozenset(),
+                  graph: bool | None = None) -> Transfers:
     """Compute every block of ``layout`` on ``backend``'s device and hand each to ``sink`` once.
 
     ``backend`` needs ``card``, ``device`` and ``forward_tensor(x) -> logits``
@@ -120,11 +121,13 @@ def run_on_device(source: Source, backend: Any, layout: Layout, opts: RunOptions
     ``readers`` threads read up to ``prefetch`` blocks ahead. ``done``
     blocks (a resumed run) are skipped, except those whose strips a
     remaining block needs (see :func:`geoseg.engine.schedule.frontier`),
-    which run without reaching the sink. Returns the transfer counters.
+    which run without reaching the sink. ``graph`` (default: on CUDA)
+    replays the forward pass as one CUDA graph of the fixed batch shape,
+    captured while the first blocks are read. Returns the transfer counters.
     """
     import torch
 
-    run = _DeviceRun(source, backend, layout, opts, sink, writers, done)
+    run = _DeviceRun(source, backend, layout, opts, sink, writers, done, graph)
     with ThreadPoolExecutor(readers, thread_name_prefix="geoseg-read") as rpool, \
             ThreadPoolExecutor(writers, thread_name_prefix="geoseg-write") as wpool, torch.inference_mode():
         try:
@@ -140,14 +143,18 @@ class _DeviceRun:
 
     def __init__(self, source: Source, backend: Any, layout: Layout, opts: RunOptions,
                  sink: Callable[[tuple[int, int], BlockOut], Any], writers: int,
-                 done: frozenset[tuple[int, int]] = frozenset()):
+                 done: frozenset[tuple[int, int]] = frozenset(), graph: bool | None = None):
         import torch
 
         self.source, self.backend, self.layout, self.opts, self.sink = source, backend, layout, opts, sink
         self.dev = torch.device(backend.device)
         self.cuda = self.dev.type == "cuda"
-        self.stream = torch.cuda.current_stream(self.dev) if self.cuda else None
+        self.stream: Any = torch.cuda.current_stream(self.dev) if self.cuda else None
         self.lock = threading.Lock()
+        self.use_graph = self.cuda if graph is None else bool(graph and self.cuda)
+        self.graph: Any = None
+        self.static_in: Any = None
+        self.static_out: Any = None
         card = backend.card
         self.k = card.num_classes
         self.batch = max(1, opts.batch_size)
@@ -178,6 +185,10 @@ class _DeviceRun:
                 self.reads.append(rpool.submit(_read, self.source, self.layout, ij, self.cuda))
                 self.next += 1
 
+        fill()
+        if self.use_graph:  # captured while the first blocks are read
+            with _timed(self.stats, "forward"):
+                self.capture()
         while True:
             fill()
             if not (self.reads or self.queue or self.active):
@@ -226,24 +237,58 @@ class _DeviceRun:
         self.active.append(blk)
         self.queue.extend((blk, r, q) for r, q in todo)
 
+    def weighted(self, xb: Any) -> Any:
+        """(B, K + 1, T, T): the window-weighted logits, then the window (one add per tile accumulates both)."""
+        import torch
+
+        lg = self.backend.forward_tensor(xb)
+        return torch.cat([lg * self.window, self.window.expand(lg.shape[0], 1, *self.window.shape)], dim=1)
+
+    def capture(self) -> None:
+        """Capture :meth:`weighted` at the fixed batch shape as a CUDA graph (eager if capture fails)."""
+        import torch
+
+        t = self.layout.tile
+        self.static_in = torch.zeros((self.batch, self.backend.card.in_channels, t, t), device=self.dev)
+        try:
+            side = torch.cuda.Stream(self.dev)
+            side.wait_stream(self.stream)
+            with torch.cuda.stream(side):  # warm-up (cuDNN's choices, the allocator) off the capture
+                for _ in range(2):
+                    self.weighted(self.static_in)
+            self.stream.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # readers pin memory meanwhile
+                self.static_out = self.weighted(self.static_in)
+            self.graph = graph
+        except RuntimeError:  # an op that cannot be captured: run eagerly
+            self.use_graph, self.static_out = False, None
+        self.stats.cuda_graph = self.graph is not None
+
     def run_batch(self) -> None:
         """One forward pass over the next ``batch`` queued tiles, whichever blocks they belong to."""
         import torch
 
-        t, k = self.layout.tile, self.k
+        t = self.layout.tile
         batch = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
-        xb = torch.stack([b.x[:, r : r + t, q : q + t] for b, r, q in batch])
-        pad = self.batch - len(batch) if self.cuda else 0  # one shape: cuDNN's plan is reused
-        if pad:
-            xb = torch.cat([xb, xb.new_zeros((pad, *xb.shape[1:]))])
-        logits = self.backend.forward_tensor(xb)
+        tiles = [b.x[:, r : r + t, q : q + t] for b, r, q in batch]
+        pad = self.batch - len(batch) if self.cuda else 0  # one shape: cuDNN's plan (and the graph) reused
+        if self.graph is not None:
+            torch.stack(tiles, out=self.static_in[: len(batch)])
+            if pad:
+                self.static_in[len(batch) :].zero_()
+            self.graph.replay()
+            out = self.static_out
+        else:
+            xb = torch.stack(tiles)
+            if pad:
+                xb = torch.cat([xb, xb.new_zeros((pad, *xb.shape[1:]))])
+            out = self.weighted(xb)
         self.stats.batches += 1
         self.stats.tiles += len(batch)
         self.stats.padded_tiles += pad
-        for (b, r, q), lg in zip(batch, logits):
-            region = b.acc[:, r : r + t, q : q + t]
-            region[:k].addcmul_(lg, self.window)
-            region[k].add_(self.window)
+        for (b, r, q), o in zip(batch, out):
+            b.acc[:, r : r + t, q : q + t] += o
             b.pending -= 1
 
     def finish(self, b: _Block, pool: ThreadPoolExecutor) -> None:
@@ -271,7 +316,8 @@ class _DeviceRun:
             return
         classes, conf, unweighted = resolve_tensor(acc[:, :bh, :bw], b.valid[:bh, :bw],
                                                    confidence=self.opts.confidence)
-        host = [_to_host(a, self.cuda) for a in (classes, conf, unweighted) if a is not None]
+        hist = torch.bincount(classes.flatten(), minlength=256)
+        host = [_to_host(a, self.cuda) for a in (classes, conf, hist, unweighted) if a is not None]
         self.stats.d2h_bytes += sum(a.numel() * a.element_size() for a in host)
         event = torch.cuda.Event(blocking=True) if self.cuda else None
         if event is not None:
@@ -290,7 +336,9 @@ class _DeviceRun:
                 raise RuntimeError("a valid pixel received no tile weight; the tiling is wrong")
             classes = host[0].numpy()
             conf = host[1].numpy() if self.opts.confidence else None
-            self.sink(ij, BlockOut(classes, conf, class_histogram(classes, self.k), run, skipped))
+            h = host[-2].numpy()
+            hist = np.concatenate([h[: self.k], h[NODATA : NODATA + 1]]).astype(np.int64)
+            self.sink(ij, BlockOut(classes, conf, hist, run, skipped))
 
 
 def _to_host(a: Any, cuda: bool) -> Any:

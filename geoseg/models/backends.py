@@ -183,7 +183,8 @@ class TorchBackend(Backend):
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        with torch.autocast("cuda", dtype=dtype, enabled=self.amp and cuda):
+        # no cast-weight cache: a CUDA graph captured around this must not keep the cache's buffers
+        with torch.autocast("cuda", dtype=dtype, enabled=self.amp and cuda, cache_enabled=False):
             y = self.module(x)
             if isinstance(y, (tuple, list)):
                 y = y[0]
