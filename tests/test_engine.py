@@ -131,7 +131,7 @@ def test_predict_device_engine_equals_blocks_engine_and_records_transfers(tmp_pa
     assert t["tiles"] == run["counts"]["tiles_run"] == a.tiles_run
     assert t["d2h_bytes"] == 700 * 650 + 2049 * run["counts"]["blocks"]
     assert run["counts"]["blocks"] > 4
-    assert set(t["seconds"]) == {"read_wait", "load", "forward", "finish", "write_wait", "writers_busy"}
+    assert set(t["seconds"]) == {"capture", "read_wait", "load", "forward", "finish", "write_wait", "writers_busy"}
     assert "transfers" not in json.loads((a.output / "run.json").read_text())
 
 

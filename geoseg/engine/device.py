@@ -39,15 +39,15 @@ from .blocks import BlockOut, Source
 from .options import RunOptions
 from .schedule import frontier
 
-PHASES = ("read_wait", "load", "forward", "finish", "write_wait", "writers_busy")
+PHASES = ("capture", "read_wait", "load", "forward", "finish", "write_wait", "writers_busy")
 
 
 @dataclass
 class Transfers:
     """Bytes that crossed between host and device, forward passes run, and where the driver's time went.
 
-    ``seconds`` holds the driver thread's wall time in each phase (waiting
-    for reads, moving blocks in, queueing forward passes, resolving blocks,
+    ``seconds`` holds the driver thread's wall time in each phase (capturing
+    the CUDA graph, waiting for reads, moving blocks in, queueing forward passes, resolving blocks,
     waiting for the writers; device work is asynchronous, so it shows where
     the driver had to wait for it) and the writers' busy time summed over
     their threads.
@@ -155,6 +155,7 @@ class _DeviceRun:
         self.graph: Any = None
         self.static_in: Any = None
         self.static_out: Any = None
+        self.ones = torch.ones(0, dtype=torch.int64, device=self.dev)
         card = backend.card
         self.k = card.num_classes
         self.batch = max(1, opts.batch_size)
@@ -187,7 +188,7 @@ class _DeviceRun:
 
         fill()
         if self.use_graph:  # captured while the first blocks are read
-            with _timed(self.stats, "forward"):
+            with _timed(self.stats, "capture"):
                 self.capture()
         while True:
             fill()
@@ -316,7 +317,11 @@ class _DeviceRun:
             return
         classes, conf, unweighted = resolve_tensor(acc[:, :bh, :bw], b.valid[:bh, :bw],
                                                    confidence=self.opts.confidence)
-        hist = torch.bincount(classes.flatten(), minlength=256)
+        # not torch.bincount: on CUDA it reads the input's max back to the host, a sync per block
+        if self.ones.numel() < classes.numel():
+            self.ones = torch.ones(classes.numel(), dtype=torch.int64, device=self.dev)
+        hist = torch.zeros(256, dtype=torch.int64, device=self.dev)
+        hist.index_add_(0, classes.flatten().to(torch.int64), self.ones[: classes.numel()])
         host = [_to_host(a, self.cuda) for a in (classes, conf, hist, unweighted) if a is not None]
         self.stats.d2h_bytes += sum(a.numel() * a.element_size() for a in host)
         event = torch.cuda.Event(blocking=True) if self.cuda else None
