@@ -22,7 +22,6 @@ equal :func:`geoseg.engine.blocks.predict_array`'s.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections import deque
@@ -129,20 +128,13 @@ def run_on_device(source: Source, backend: Any, layout: Layout, opts: RunOptions
     import torch
 
     run = _DeviceRun(source, backend, layout, opts, sink, writers, done, graph)
-    # The driver thread gives up the GIL at every blocking CUDA call and must get it back at once:
-    # with a dozen reader and writer threads, the default 5 ms switch interval is a wait per call.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(interval, 0.0005))
-    try:
-        with ThreadPoolExecutor(readers, thread_name_prefix="geoseg-read") as rpool, \
-                ThreadPoolExecutor(writers, thread_name_prefix="geoseg-write") as wpool, torch.inference_mode():
-            try:
-                run.loop(rpool, wpool, prefetch)
-            except BaseException:
-                run.cancel()
-                raise
-    finally:
-        sys.setswitchinterval(interval)
+    with ThreadPoolExecutor(readers, thread_name_prefix="geoseg-read") as rpool, \
+            ThreadPoolExecutor(writers, thread_name_prefix="geoseg-write") as wpool, torch.inference_mode():
+        try:
+            run.loop(rpool, wpool, prefetch)
+        except BaseException:
+            run.cancel()
+            raise
     return run.stats
 
 
