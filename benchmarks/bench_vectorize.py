@@ -1,9 +1,14 @@
 """Vectorizing benchmark: geoseg's block-wise polygons vs whole-raster polygonizing.
 
-    python benchmarks/bench_vectorize.py [SIZE ...]     (default: 8192 16384)
+    python benchmarks/bench_vectorize.py [--dense] [SIZE ...]     (default: 8192 16384)
 
 The class raster is a mosaic of the Dubai land-cover masks (real class maps,
-5 classes + unlabeled as nodata), georeferenced in UTM at 0.5 m. The peer is
+5 classes + unlabeled as nodata), georeferenced in UTM at 0.5 m. With
+``--dense`` it is a mosaic of a Landsat strata map instead: the NDVI of
+``../shared/data/landsat/L7_ETMs.tif`` in five quantile classes, each
+Landsat pixel 3 x 3 output pixels (about 95 pixels per polygon, 700k
+polygons on 8192²), the kind of map where polygon count, not area, sets
+the cost. The peer is
 the usual recipe: read the whole raster, ``rasterio.features.shapes`` with a
 mask, a GeoDataFrame, one ``to_file`` (GPKG). Each run is its own process;
 peak RSS counts geoseg's worker processes too. Equal polygon counts show
@@ -18,6 +23,31 @@ from pathlib import Path
 from common import OUT, SHARED, machine, need, run_measured, table
 
 MASKS = SHARED / "data" / "dubai" / "masks"
+LANDSAT = SHARED / "data" / "landsat" / "L7_ETMs.tif"
+
+
+def strata_mosaic(size: int) -> Path:
+    """A size x size mosaic of a five-class NDVI strata map of a Landsat scene (dense polygons)."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+
+    dst = OUT / f"strata-classes-{size}.tif"
+    if dst.exists():
+        return dst
+    with rasterio.open(need(LANDSAT)) as ds:
+        red, nir = ds.read(3).astype(np.float64), ds.read(4).astype(np.float64)
+    ndvi = (nir - red) / (nir + red + 1e-6)
+    strata = np.digitize(ndvi, np.quantile(ndvi, [0.2, 0.4, 0.6, 0.8])).astype(np.uint8)
+    tile = np.kron(strata, np.ones((3, 3), np.uint8))
+    reps = (-(-size // tile.shape[0]), -(-size // tile.shape[1]))
+    mosaic = np.tile(tile, reps)[:size, :size]
+    OUT.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(dst, "w", driver="GTiff", width=size, height=size, count=1, dtype="uint8",
+                       crs="EPSG:32640", transform=Affine(10, 0, 300000, 0, -10, 2800000), nodata=255,
+                       tiled=True, blockxsize=512, blockysize=512, compress="DEFLATE") as ds:
+        ds.write(mosaic, 1)
+    return dst
 
 
 def class_mosaic(size: int) -> Path:
@@ -71,11 +101,11 @@ def _count(path: Path) -> int:
     return int(pyogrio.read_info(path, layer="landcover")["features"])
 
 
-def main(sizes: list[int]) -> None:
+def main(sizes: list[int], dense: bool = False) -> None:
     print(f"machine: {machine()}\n")
     rows = []
     for size in sizes:
-        src = class_mosaic(size)
+        src = strata_mosaic(size) if dense else class_mosaic(size)
         peer_out = OUT / f"peer-{size}.gpkg"
         peer_out.unlink(missing_ok=True)
         w_peer, rss_peer = run_measured([sys.executable, "-c", PEER, str(src), str(peer_out)])
@@ -91,4 +121,5 @@ def main(sizes: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main([int(s) for s in sys.argv[1:]] or [8192, 16384])
+    args = [a for a in sys.argv[1:] if a != "--dense"]
+    main([int(s) for s in args] or [8192, 16384], dense="--dense" in sys.argv[1:])

@@ -29,7 +29,6 @@ from ..geometry.grid import Grid, Layout, reflect_index
 from ..geometry.units import NODATA
 from .adapters import MAX_NATIVE_TILE, adapt
 from .blocks import BlockOut, as_runnable, compute_block
-from .memory import fixed_mmap_threshold
 from .options import RunOptions, Tiling, resolve
 
 
@@ -256,7 +255,6 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
     """
     import dask.base
 
-    fixed_mmap_threshold()  # freed blocks go back to the system: memory follows the blocks in flight
     data, xarr = _as_dask(x)
     if bands:
         c = data.shape[0]

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.memory import fixed_mmap_threshold
 from ..engine.options import Compute, Tiling
 from ..errors import ConfigError, PartialRunError
 from ..io.raster import bounded_gdal_cache
@@ -85,7 +84,6 @@ def predict(src: str | Path, output: str | Path | None = None, *, model: Any, ca
     (start over); with ``None`` it raises :class:`~geoseg.errors.PartialRunError`.
     """
     t0 = time.perf_counter()
-    fixed_mmap_threshold()  # freed blocks go back to the system: memory follows the blocks in flight
     flat = split_options(options)
     tiling, compute, outputs = tiling or flat[0], compute or flat[1], outputs or flat[2]
     out = Path(output) if output is not None else default_output(src)
