@@ -16,7 +16,11 @@ Both give the same classes as each other (tested), and the same as
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -61,19 +65,56 @@ def _run_tiles(model: Runnable, data: np.ndarray, valid: np.ndarray, tile_mask: 
     float32 input is written once); pixels where ``valid`` is False become 0,
     the band mean after normalisation. A tile whose in-raster pixels are all
     invalid (``tile_mask``) is skipped. Returns (tiles run, tiles skipped).
+
+    With a model of several streams, a block's batches run on all of them
+    (see :func:`_in_parallel`), so the blocks at the ends of the wavefront,
+    which run alone, still use every core. Logits are accumulated in batch
+    order, so the result does not depend on it.
     """
     todo = [(r, c) for r, c in origins if tile_mask[r : r + tile, c : c + tile].any()]
     all_valid = bool(valid.all())
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
+
+    def forward(batch: list[tuple[int, int]]) -> np.ndarray:
         xb = model.card.normalize(np.stack([data[:, r : r + tile, c : c + tile] for r, c in batch]))
         if not all_valid:
             vb = np.stack([valid[r : r + tile, c : c + tile] for r, c in batch])
             np.copyto(xb, np.float32(0.0), where=~vb[:, None])
-        logits = model(xb)
+        return model(xb)
+
+    batches = [todo[k : k + batch_size] for k in range(0, len(todo), batch_size)]
+    for batch, logits in zip(batches, _in_parallel(forward, batches, int(getattr(model, "streams", 1)))):
         for (r, c), lg in zip(batch, logits):
             accumulate(acc, lg, window, r, c)
     return len(todo), len(origins) - len(todo)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _in_parallel(func: Callable[[Any], Any], items: list[Any], streams: int) -> Iterator[Any]:
+    """``map(func, items)``, at most ``streams + 1`` at a time on a shared thread pool, results in order.
+
+    The model's own stream slots bound the forward passes that run at once;
+    the extra item in flight is being normalised meanwhile.
+    """
+    global _POOL
+    if streams <= 1 or len(items) <= 1:
+        yield from map(func, items)
+        return
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < 2 * streams:  # noqa: SLF001 - grows with the widest model
+            _POOL = ThreadPoolExecutor(2 * streams, thread_name_prefix="geoseg-batch")
+        pool = _POOL
+    pending: deque[Future[Any]] = deque()
+    todo = iter(items)
+    for item in itertools.islice(todo, streams + 1):
+        pending.append(pool.submit(func, item))
+    while pending:
+        out = pending.popleft().result()
+        for item in itertools.islice(todo, 1):
+            pending.append(pool.submit(func, item))
+        yield out
 
 
 def class_histogram(classes: np.ndarray, k: int) -> np.ndarray:
