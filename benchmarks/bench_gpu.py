@@ -105,7 +105,9 @@ def main() -> None:
                          "COG s": run["timings"]["cog_s"], "wall s": r["wall"],
                          "peak RSS MiB": r["rss"], "H2D MiB": tr.get("h2d_bytes", 0) / 2**20,
                          "D2H MiB": tr.get("d2h_bytes", 0) / 2**20, "engine": run["options"]["engine"],
-                         "blocks": run["counts"]["blocks"], "phases s": tr.get("seconds", {})})
+                         "blocks": run["counts"]["blocks"],
+                         "phases s": {**tr.get("seconds", {}), **{f"{k} (writers)": v for k, v in
+                                                                   run.get("block_writes_s", {}).items()}}})
     print(f"\n{card_name}, {os.cpu_count()} CPU cores, torch {torch.__version__}, batch {args.batch_size}, "
           f"{args.precision}, built-in geoseg-landcover-n, 512² tiles\n")
     phases = [(row["size"], row.pop("phases s")) for row in rows]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,12 +216,16 @@ class BlockWriter:
         if description:
             self._ds.set_band_description(1, description)
 
-    def write(self, rows: slice, cols: slice, block: np.ndarray) -> None:
+    def write(self, rows: slice, cols: slice, block: np.ndarray) -> float:
+        """Write a block (any thread) and reduce it into the overview levels; returns the seconds the latter took."""
         win = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
         with self._lock:
             self._ds.write(block, 1, window=win)
-        if self._pyramid is not None:  # on the writing thread, outside the lock
-            self._pyramid.write(rows, cols, block)
+        if self._pyramid is None:
+            return 0.0
+        t = time.perf_counter()
+        self._pyramid.write(rows, cols, block)  # on the writing thread, outside the lock
+        return time.perf_counter() - t
 
     def finish(self, *, category_names: list[str] | None = None) -> None:
         """Close the working file and publish it as a COG with overviews."""

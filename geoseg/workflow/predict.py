@@ -176,6 +176,6 @@ def _inference_step(plan: Plan, staging: Staging, progress: Callable[[int, int],
     counts = stages.inference(plan, staging.dir, progress, journal, scheduler)
     journal.step_done("inference", counts={
         "histogram": counts.histogram.tolist(), "tiles_run": counts.tiles_run, "tiles_skipped": counts.tiles_skipped,
-        "blocks": counts.blocks, "transfers": counts.transfers, "cog_s": counts.cog_s})
+        "blocks": counts.blocks, "transfers": counts.transfers, "cog_s": counts.cog_s, "writes_s": counts.writes_s})
     journal.drop_blocks()
     return counts

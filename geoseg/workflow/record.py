@@ -44,6 +44,9 @@ def run_record(plan: Plan, counts: Counts, vec: dict[str, Any], timings: dict[st
         "timings": timings,
         "versions": versions(),
     }
+    # storing finished blocks, seconds summed over the threads that do it (journal for resume,
+    # the working GeoTIFFs, the overview levels)
+    record["block_writes_s"] = {k: round(v, 4) for k, v in counts.writes_s.items()}
     if counts.transfers:
         record["transfers"] = counts.transfers
     return record

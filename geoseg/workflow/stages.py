@@ -35,6 +35,8 @@ class Counts:
     blocks: int = 0
     transfers: dict[str, int] = field(default_factory=dict)
     cog_s: float = 0.0  # closing the working GeoTIFFs and writing the COGs
+    # seconds spent storing finished blocks, summed over the threads that store them
+    writes_s: dict[str, float] = field(default_factory=lambda: {"journal": 0.0, "rasters": 0.0, "overviews": 0.0})
 
 
 def connect(scheduler: Any) -> tuple[Any, Any]:
@@ -76,15 +78,21 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
     lock = threading.Lock()
 
     def sink(ij: tuple[int, int], blk: BlockOut, saved: bool = False) -> None:
+        t0 = time.perf_counter()
         if journal is not None and not saved:
             journal.save(ij, blk.classes, blk.confidence)
+        t1 = time.perf_counter()
         rows, cols = layout.block_slices(*ij)
         if d > 1:
             rows, cols, blk = _on_scene_grid(plan, source, rows, cols, blk)
-        writers["classes"].write(rows, cols, blk.classes)
+        ovr = writers["classes"].write(rows, cols, blk.classes)
         if blk.confidence is not None:
-            writers["confidence"].write(rows, cols, blk.confidence)
+            ovr += writers["confidence"].write(rows, cols, blk.confidence)
+        t2 = time.perf_counter()
         with lock:
+            counts.writes_s["journal"] += t1 - t0
+            counts.writes_s["rasters"] += t2 - t1 - ovr
+            counts.writes_s["overviews"] += ovr
             counts.tiles_run += blk.tiles_run
             counts.tiles_skipped += blk.tiles_skipped
             counts.histogram += blk.histogram
