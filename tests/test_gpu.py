@@ -100,6 +100,37 @@ def test_cuda_graph_replay_equals_eager(cnn_model, precision):
     np.testing.assert_allclose(graphed[1], eager[1], atol=1e-6)
 
 
+class _Uncapturable(torch.nn.Module):
+    """A model with a data-dependent op (boolean-mask indexing syncs with the host): no CUDA graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = small_cnn()
+
+    def forward(self, x):
+        y = self.net(x)
+        return y + 0 * y[y > 1e30].sum()
+
+
+def test_uncapturable_model_falls_back_to_eager_with_the_same_classes(cnn_model):
+    img, valid = _image_with_nodata(seed=6)
+    model = geoseg.load_model(_Uncapturable(), card=cnn_model.card, device="cuda", precision="fp32")
+    graphed = _run(model, img, valid, 16)  # capture attempted, fails, eager from then on
+    eager = _run(model, img, valid, 16, graph=False)
+    assert not graphed[2].cuda_graph
+    np.testing.assert_array_equal(graphed[0], eager[0])
+    np.testing.assert_allclose(graphed[1], eager[1], atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_graph_on_the_second_gpu_equals_eager(cnn_model):
+    img, valid = _image_with_nodata(seed=7)
+    model = geoseg.load_model(small_cnn(), card=cnn_model.card, device="cuda:1", precision="fp32")
+    graphed, eager = _run(model, img, valid, 16), _run(model, img, valid, 16, graph=False)
+    assert graphed[2].cuda_graph
+    np.testing.assert_array_equal(graphed[0], eager[0])
+
+
 def test_cuda_fp16_agrees_with_fp32(cnn_model):
     img, valid = _image_with_nodata(seed=2)
     a = _run(_cuda_model(cnn_model, "fp32"), img, valid, 16, confidence=False)[0]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from geoseg.geometry.grid import Grid
-from geoseg.io.overviews import levels_for, mean2x2, mode2x2
+from geoseg.io.overviews import levels_for, mean2x2, mode2x2, streamable
 from geoseg.io.raster import BlockWriter
 
 from .test_real_data import validate_cog
@@ -57,11 +57,14 @@ def test_mean2x2_averages_the_valid_pixels(x):
 
 
 def test_levels_follow_gdal_auto_rule():
-    assert levels_for((512, 512), 512) == 0
-    assert levels_for((513, 100), 1024) == 1
-    assert levels_for((16384, 16384), 1024) == 5
-    assert levels_for((3000, 2100), 1024) == 3
-    assert levels_for((3000, 2100), 1020) == 0  # blocks not on multiples of 8: GDAL builds them
+    assert levels_for((512, 512)) == 0
+    assert levels_for((513, 100)) == 1
+    assert levels_for((16384, 16384)) == 5
+    assert levels_for((3000, 2100)) == 3
+    assert streamable(1024, 3) == 3
+    assert streamable(1020, 3) == 2  # 1020 = 4 x 255: level 3 is reduced from level 2 at the end
+    assert streamable(2240, 7) == 6  # the device engine's 2240-px blocks (64 x 35)
+    assert streamable(999, 3) == 0
 
 
 def _class_map(shape, seed=0):
@@ -105,10 +108,30 @@ def test_streamed_mode_overviews_make_a_valid_cog(tmp_path):
     validate_cog(path)
 
 
+@pytest.mark.parametrize("block", [1020, 999])
+def test_levels_blocks_cannot_reach_are_completed_with_the_same_reduction(tmp_path, block):
+    x = _class_map((2600, 2100), seed=2)
+    path = _write(tmp_path / "classes.tif", x, block)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.tif"]
+    expect = x
+    with rasterio.open(path) as ds:
+        assert ds.overviews(1) == [2, 4, 8]
+    for level in range(3):
+        expect = mode2x2(expect, ND)
+        with rasterio.open(path, overview_level=level) as ovr:
+            np.testing.assert_array_equal(ovr.read(1), expect)
+
+
 def test_streamed_overviews_agree_with_gdals_mode(tmp_path):
     x = _class_map((2600, 2048), seed=3)
     ours = _write(tmp_path / "ours.tif", x, 1024)
-    gdal = _write(tmp_path / "gdal.tif", x, 1020)  # not aligned: GDAL's own MODE overviews
+    plain = tmp_path / "plain.tif"
+    with rasterio.open(ours) as ds:
+        profile = {**ds.profile, "driver": "GTiff"}
+    with rasterio.open(plain, "w", **profile) as ds:
+        ds.write(x, 1)
+    gdal = tmp_path / "gdal.tif"
+    rasterio.shutil.copy(plain, gdal, driver="COG", OVERVIEWS="AUTO", RESAMPLING="MODE", OVERVIEW_RESAMPLING="MODE")
     with rasterio.open(ours) as a, rasterio.open(gdal) as b:
         assert a.overviews(1) == b.overviews(1) == [2, 4, 8]
     for level in range(3):
@@ -119,10 +142,23 @@ def test_streamed_overviews_agree_with_gdals_mode(tmp_path):
         assert ((p == ND) == (q == ND)).mean() > 0.99
 
 
+def test_abort_drops_late_blocks_and_leaves_no_files(tmp_path):
+    x = _class_map((1500, 1300))
+    grid = Grid(x.shape, Affine(0.5, 0, 500000, 0, -0.5, 4100000), crs="EPSG:32633")
+    w = BlockWriter(tmp_path / "classes.tif", grid, dtype="uint8", nodata=ND, block=512)
+    w.write(slice(0, 512), slice(0, 512), x[:512, :512])
+    w.abort()
+    assert w.write(slice(512, 1024), slice(0, 512), x[512:1024, :512]) == 0.0  # a block still in flight
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_streamed_average_overviews_for_confidence(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.random((1500, 1100)).astype(np.float32)
     x[:100] = -1.0
-    path = _write(tmp_path / "confidence.tif", x, 512, resampling="average", nodata=-1.0)
-    with rasterio.open(path, overview_level=0) as ovr:
-        np.testing.assert_allclose(ovr.read(1), mean2x2(x, -1.0), rtol=1e-6)
+    path = _write(tmp_path / "confidence.tif", x, 500, resampling="average", nodata=-1.0)  # 2 levels streamed
+    expect = x
+    for level in range(2):
+        expect = mean2x2(expect, -1.0)
+        with rasterio.open(path, overview_level=level) as ovr:
+            np.testing.assert_allclose(ovr.read(1), expect, rtol=1e-6)

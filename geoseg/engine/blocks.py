@@ -96,7 +96,9 @@ def _in_parallel(func: Callable[[Any], Any], items: list[Any], streams: int) -> 
     """``map(func, items)``, at most ``streams + 1`` at a time on a shared thread pool, results in order.
 
     The model's own stream slots bound the forward passes that run at once;
-    the extra item in flight is being normalised meanwhile.
+    the extra item in flight is being normalised meanwhile. ``func`` must not
+    itself wait on this pool (it runs forward passes only), or a full pool
+    could wait on itself.
     """
     global _POOL
     if streams <= 1 or len(items) <= 1:
@@ -104,17 +106,23 @@ def _in_parallel(func: Callable[[Any], Any], items: list[Any], streams: int) -> 
         return
     with _POOL_LOCK:
         if _POOL is None or _POOL._max_workers < 2 * streams:  # noqa: SLF001 - grows with the widest model
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)  # its running items finish; new ones go to the wider pool
             _POOL = ThreadPoolExecutor(2 * streams, thread_name_prefix="geoseg-batch")
         pool = _POOL
     pending: deque[Future[Any]] = deque()
     todo = iter(items)
-    for item in itertools.islice(todo, streams + 1):
-        pending.append(pool.submit(func, item))
-    while pending:
-        out = pending.popleft().result()
-        for item in itertools.islice(todo, 1):
+    try:
+        for item in itertools.islice(todo, streams + 1):
             pending.append(pool.submit(func, item))
-        yield out
+        while pending:
+            out = pending.popleft().result()
+            for item in itertools.islice(todo, 1):
+                pending.append(pool.submit(func, item))
+            yield out
+    finally:  # a failed batch (or a consumer that stops): the queued ones do not run
+        for f in pending:
+            f.cancel()
 
 
 def class_histogram(classes: np.ndarray, k: int) -> np.ndarray:

@@ -46,10 +46,11 @@ PHASES = ("capture", "read_wait", "load", "forward", "finish", "write_wait", "wr
 class Transfers:
     """Bytes that crossed between host and device, forward passes run, and where the driver's time went.
 
-    ``seconds`` holds the driver thread's wall time in each phase (capturing
-    the CUDA graph, waiting for reads, moving blocks in, queueing forward passes, resolving blocks,
-    waiting for the writers; device work is asynchronous, so it shows where
-    the driver had to wait for it) and the writers' busy time summed over
+    ``seconds`` holds the driver thread's wall time in each phase, none
+    counted twice (capturing the CUDA graph, waiting for reads, moving
+    blocks in, queueing forward passes, resolving blocks, waiting for the
+    writers; device work is asynchronous, so it shows where the driver had
+    to wait for it) and the writers' busy time summed over
     their threads.
     """
 
@@ -213,7 +214,13 @@ class _DeviceRun:
         """Finish the blocks at the front whose tiles have all run (blocks finish in row-major order)."""
         while self.active and self.active[0].pending == 0:
             with _timed(self.stats, "finish"):
-                self.finish(self.active.popleft(), wpool)
+                out = self.finish(self.active.popleft())
+            if out is None:
+                continue
+            with _timed(self.stats, "write_wait"):
+                while len(self.written) >= self.max_written:  # bound the blocks waiting for the writer
+                    self.written.popleft().result()
+            self.written.append(wpool.submit(self.write, *out))
 
     def cancel(self) -> None:
         for f in (*self.reads, *self.written):
@@ -251,19 +258,24 @@ class _DeviceRun:
 
         t = self.layout.tile
         self.static_in = torch.zeros((self.batch, self.backend.card.in_channels, t, t), device=self.dev)
-        try:
-            side = torch.cuda.Stream(self.dev)
-            side.wait_stream(self.stream)
-            with torch.cuda.stream(side):  # warm-up (cuDNN's choices, the allocator) off the capture
-                for _ in range(2):
-                    self.weighted(self.static_in)
-            self.stream.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # readers pin memory meanwhile
-                self.static_out = self.weighted(self.static_in)
-            self.graph = graph
-        except RuntimeError:  # an op that cannot be captured: run eagerly
-            self.use_graph, self.static_out = False, None
+        # On the run's device, with its stream current afterwards even if capture fails: torch's
+        # graph context does not restore the stream when capture_end raises, and the events
+        # that guard the host copies are recorded on self.stream.
+        with torch.cuda.device(self.dev), torch.cuda.stream(self.stream):
+            try:
+                side = torch.cuda.Stream(self.dev)
+                side.wait_stream(self.stream)
+                with torch.cuda.stream(side):  # warm-up (cuDNN's choices, the allocator) off the capture
+                    for _ in range(2):
+                        self.weighted(self.static_in)
+                self.stream.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                capture = torch.cuda.Stream(self.dev)  # on self.dev, not on whichever device is current
+                with torch.cuda.graph(graph, stream=capture, capture_error_mode="thread_local"):
+                    self.static_out = self.weighted(self.static_in)  # readers pin memory meanwhile
+                self.graph = graph
+            except RuntimeError:  # an op that cannot be captured: run eagerly
+                self.use_graph, self.static_out, self.graph = False, None, None
         self.stats.cuda_graph = self.graph is not None
 
     def run_batch(self) -> None:
@@ -292,8 +304,11 @@ class _DeviceRun:
             b.acc[:, r : r + t, q : q + t] += o
             b.pending -= 1
 
-    def finish(self, b: _Block, pool: ThreadPoolExecutor) -> None:
-        """Add the neighbours' strips, keep this block's own, resolve it and queue the host copy for the sink."""
+    def finish(self, b: _Block) -> tuple[Any, ...] | None:
+        """Add the neighbours' strips, keep this block's own, resolve it and start its copy to the host.
+
+        Returns what :meth:`write` needs, or None for a block run again only for its strips.
+        """
         import torch
 
         i, j = b.ij
@@ -314,7 +329,7 @@ class _DeviceRun:
             if keep and consumer in self.runset:
                 self.strips[i, j, k] = acc[:, rs, cs].clone()
         if b.ij in self.done:  # run again for its strips only
-            return
+            return None
         classes, conf, unweighted = resolve_tensor(acc[:, :bh, :bw], b.valid[:bh, :bw],
                                                    confidence=self.opts.confidence)
         # not torch.bincount: on CUDA it reads the input's max back to the host, a sync per block
@@ -327,11 +342,7 @@ class _DeviceRun:
         event = torch.cuda.Event(blocking=True) if self.cuda else None
         if event is not None:
             event.record(self.stream)
-        out = (b.ij, host, len(b.tiles), b.skipped, event)
-        with _timed(self.stats, "write_wait"):
-            while len(self.written) >= self.max_written:  # bound the blocks waiting for the writer
-                self.written.popleft().result()
-        self.written.append(pool.submit(self.write, *out))
+        return b.ij, host, len(b.tiles), b.skipped, event
 
     def write(self, ij: tuple[int, int], host: list[Any], run: int, skipped: int, event: Any) -> None:
         if event is not None:

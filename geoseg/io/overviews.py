@@ -8,8 +8,10 @@ a VRT that names those files as its overviews, so GDAL only compresses.
 
 Levels follow GDAL's ``OVERVIEWS=AUTO`` rule (halve until the level fits in
 one COG tile). A block's window on level ``L`` is its level-0 window / 2^L,
-so blocks must start on multiples of 2^L; :func:`levels_for` returns 0 when
-they do not, and the caller falls back to GDAL's overviews.
+so a block only streams into the levels whose factor 2^L divides the block
+side (:func:`streamable`); the deeper levels, a small fraction of the
+pixels, are reduced from the last streamed one window by window when the
+raster is finished (:meth:`Pyramid.complete`), with the same reduction.
 """
 
 from __future__ import annotations
@@ -29,13 +31,24 @@ from rasterio.windows import Window
 COG_TILE = 512
 
 
-def levels_for(shape: tuple[int, int], block: int) -> int:
-    """How many 2x levels a COG of ``shape`` gets (GDAL's AUTO rule); 0 where ``block`` is not aligned."""
+COMPLETE_WINDOW = 4096  # level pixels per side read at once when completing the deeper levels
+
+
+def levels_for(shape: tuple[int, int]) -> int:
+    """How many 2x levels a COG of ``shape`` gets (GDAL's ``OVERVIEWS=AUTO`` rule)."""
     h, w = shape
     n = 0
     while max(-(-h // 2**n), -(-w // 2**n)) > COG_TILE:
         n += 1
-    return n if n and block % 2**n == 0 else 0
+    return n
+
+
+def streamable(block: int, levels: int) -> int:
+    """The levels that blocks of side ``block`` (starting on multiples of it) can be reduced into."""
+    n = 0
+    while n < levels and block % 2 ** (n + 1) == 0:
+        n += 1
+    return n
 
 
 def mode2x2(x: np.ndarray, nodata: float) -> np.ndarray:
@@ -79,30 +92,53 @@ class Pyramid:
     def __init__(self, base: Path, profile: dict[str, Any], levels: int, block: int, resampling: str):
         self.reduce = mode2x2 if resampling == "mode" else mean2x2
         self.nodata = profile["nodata"]
+        self.streamed = streamable(block, levels)
         self.paths = [base.with_name(f"{base.name}.ovr{n}.tif") for n in range(1, levels + 1)]
         self._locks = [threading.Lock() for _ in self.paths]
-        self._ds = []
+        self._ds: list[Any] = []
         h, w, t = profile["height"], profile["width"], profile["transform"]
-        for n, path in enumerate(self.paths, 1):
-            f = 2**n
-            tile = max(16, min(512, block // f // 16 * 16))
-            self._ds.append(rasterio.open(path, "w", **{
-                **profile, "height": -(-h // f), "width": -(-w // f), "transform": t @ Affine.scale(f),
-                "blockxsize": tile, "blockysize": tile}))
+        try:
+            for n, path in enumerate(self.paths, 1):
+                f = 2**n
+                side = block // f if n <= self.streamed else COMPLETE_WINDOW // 2
+                tile = max(16, min(512, side // 16 * 16))
+                self._ds.append(rasterio.open(path, "w", **{
+                    **profile, "height": -(-h // f), "width": -(-w // f), "transform": t @ Affine.scale(f),
+                    "blockxsize": tile, "blockysize": tile}))
+        except BaseException:
+            self.remove()
+            raise
 
     def write(self, rows: slice, cols: slice, block: np.ndarray) -> None:
-        """Reduce a level-0 block (starting on a multiple of 2^levels) into every level."""
+        """Reduce a level-0 block (starting on a multiple of its side) into the streamed levels."""
         r, c = rows.start, cols.start
-        for n, (ds, lock) in enumerate(zip(self._ds, self._locks), 1):
+        for n in range(1, self.streamed + 1):
             block = self.reduce(block, self.nodata)
             f = 2**n
-            with lock:
+            with self._locks[n - 1]:
+                ds = self._ds[n - 1]
+                if ds.closed:  # aborted meanwhile: the run is failing, nothing to keep
+                    return
                 ds.write(block, 1, window=Window(c // f, r // f, block.shape[1], block.shape[0]))
 
+    def complete(self, level0: Path) -> None:
+        """Reduce the levels below the streamed ones from the last streamed one (or ``level0``)."""
+        self.close()
+        for n in range(self.streamed + 1, len(self.paths) + 1):
+            src_path = level0 if n == 1 else self.paths[n - 2]
+            with rasterio.open(src_path) as src, rasterio.open(self.paths[n - 1], "r+") as dst:
+                s = COMPLETE_WINDOW
+                for r in range(0, src.height, s):
+                    for c in range(0, src.width, s):
+                        win = Window(c, r, min(s, src.width - c), min(s, src.height - r))
+                        half = self.reduce(src.read(1, window=win), self.nodata)
+                        dst.write(half, 1, window=Window(c // 2, r // 2, half.shape[1], half.shape[0]))
+
     def close(self) -> None:
-        for ds in self._ds:
-            if not ds.closed:
-                ds.close()
+        for ds, lock in zip(self._ds, self._locks):
+            with lock:
+                if not ds.closed:
+                    ds.close()
 
     def remove(self) -> None:
         self.close()
@@ -111,7 +147,7 @@ class Pyramid:
 
     def as_vrt(self, level0: Path, vrt: Path) -> Path:
         """A VRT of ``level0`` (its colours, tags and nodata kept) whose overviews are the level files."""
-        self.close()
+        self.complete(level0)
         rasterio.shutil.copy(level0, vrt, driver="VRT")
         ovr = "".join(f'<Overview><SourceFilename relativeToVRT="0">{escape(str(p))}</SourceFilename>'
                       "<SourceBand>1</SourceBand></Overview>" for p in self.paths)

@@ -184,10 +184,13 @@ def _tiff_block(block: int) -> int:
 class BlockWriter:
     """Writes output blocks into a tiled GeoTIFF, then converts it to a COG.
 
-    Blocks arrive in any order from any thread; a lock serialises GDAL. The
-    working file is tiled so that every block covers whole TIFF tiles (no
-    read-modify-write), and lives under a hidden temporary name until
-    :meth:`finish` publishes the COG under its final name.
+    Blocks arrive in any order from any thread; a lock serialises GDAL's
+    writes into the working file (and one lock per overview level those into
+    the levels, see :mod:`geoseg.io.overviews`, which the writing thread
+    reduces the block into outside the first lock). The working file is
+    tiled so that every block covers whole TIFF tiles (no read-modify-write),
+    and lives under a hidden temporary name until :meth:`finish` publishes
+    the COG under its final name.
     """
 
     def __init__(self, final: Path, grid: Grid, *, dtype: str, nodata: float, block: int,
@@ -206,9 +209,14 @@ class BlockWriter:
             blockxsize=t, blockysize=t, compress="ZSTD", zstd_level=1, bigtiff="IF_SAFER",
         )
         self.resampling = resampling
-        levels = levels_for(grid.shape, block)
+        levels = levels_for(grid.shape)
         self._pyramid = Pyramid(self.work, profile, levels, block, resampling) if levels else None
-        self._ds = rasterio.open(self.work, "w", **profile)
+        try:
+            self._ds = rasterio.open(self.work, "w", **profile)
+        except BaseException:
+            if self._pyramid is not None:
+                self._pyramid.remove()
+            raise
         if colormap:
             self._ds.write_colormap(1, colormap)
         if tags:
@@ -220,6 +228,8 @@ class BlockWriter:
         """Write a block (any thread) and reduce it into the overview levels; returns the seconds the latter took."""
         win = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
         with self._lock:
+            if self._ds.closed:  # aborted meanwhile (another block failed): nothing to keep
+                return 0.0
             self._ds.write(block, 1, window=win)
         if self._pyramid is None:
             return 0.0
@@ -247,9 +257,10 @@ class BlockWriter:
         os.replace(self.cog, self.final)
 
     def abort(self) -> None:
-        """Remove every temporary file; the final name is never touched."""
-        if not self._ds.closed:
-            self._ds.close()
+        """Remove every temporary file; the final name is never touched. Blocks written later are dropped."""
+        with self._lock:
+            if not self._ds.closed:
+                self._ds.close()
         self._remove_work()
         for p in (self.cog, _aux(self.cog)):
             p.unlink(missing_ok=True)

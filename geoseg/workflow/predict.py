@@ -40,7 +40,7 @@ class PredictResult:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     areas: Any = None  # post.areas.AreaTable of the final class raster
-    transfers: dict[str, int] = field(default_factory=dict)
+    transfers: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pixels(self) -> int:

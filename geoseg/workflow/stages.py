@@ -33,7 +33,7 @@ class Counts:
     tiles_run: int = 0
     tiles_skipped: int = 0
     blocks: int = 0
-    transfers: dict[str, int] = field(default_factory=dict)
+    transfers: dict[str, Any] = field(default_factory=dict)
     cog_s: float = 0.0  # closing the working GeoTIFFs and writing the COGs
     # seconds spent storing finished blocks, summed over the threads that store them
     writes_s: dict[str, float] = field(default_factory=lambda: {"journal": 0.0, "rasters": 0.0, "overviews": 0.0})
@@ -70,9 +70,13 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
         colormap={i: (*rgb, 255) for i, rgb in enumerate(palette)} | {NODATA: (0, 0, 0, 0)},
         tags=class_tags(list(mc.classes), [hex_color(p) for p in palette]), description="class")}
     if plan.outputs.confidence:
-        writers["confidence"] = BlockWriter(staging / "confidence.tif", plan.grid, dtype="float32", nodata=-1.0,
-                                            block=layout.block * d, description="confidence (max softmax)",
-                                            resampling="average")
+        try:
+            writers["confidence"] = BlockWriter(
+                staging / "confidence.tif", plan.grid, dtype="float32", nodata=-1.0, block=layout.block * d,
+                description="confidence (max softmax)", resampling="average")
+        except BaseException:
+            writers["classes"].abort()
+            raise
     total = layout.blocks[0] * layout.blocks[1]
     counts = Counts(np.zeros(mc.num_classes + 1, np.int64))
     lock = threading.Lock()
@@ -81,16 +85,17 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
         t0 = time.perf_counter()
         if journal is not None and not saved:
             journal.save(ij, blk.classes, blk.confidence)
-        t1 = time.perf_counter()
+        journal_s = time.perf_counter() - t0
         rows, cols = layout.block_slices(*ij)
         if d > 1:
             rows, cols, blk = _on_scene_grid(plan, source, rows, cols, blk)
+        t1 = time.perf_counter()
         ovr = writers["classes"].write(rows, cols, blk.classes)
         if blk.confidence is not None:
             ovr += writers["confidence"].write(rows, cols, blk.confidence)
         t2 = time.perf_counter()
         with lock:
-            counts.writes_s["journal"] += t1 - t0
+            counts.writes_s["journal"] += journal_s
             counts.writes_s["rasters"] += t2 - t1 - ovr
             counts.writes_s["overviews"] += ovr
             counts.tiles_run += blk.tiles_run
