@@ -112,6 +112,8 @@ class Pyramid:
     def write(self, rows: slice, cols: slice, block: np.ndarray) -> None:
         """Reduce a level-0 block (starting on a multiple of its side) into the streamed levels."""
         r, c = rows.start, cols.start
+        if r % 2**self.streamed or c % 2**self.streamed:
+            raise ValueError(f"block at ({r}, {c}) does not start on a multiple of {2**self.streamed}")
         for n in range(1, self.streamed + 1):
             block = self.reduce(block, self.nodata)
             f = 2**n
