@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/loao"))
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--areas", nargs="+", default=AREAS)
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # key=value overrides before or after the options
     if not DUBAI.exists():
         sys.exit(f"{DUBAI} is missing: the study needs the shared Dubai data beside the repository")
     folds = {a: run_fold(args.recipe.resolve(), a, args.out.resolve(), args.epochs, args.overrides)
