@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import rasterio
+from affine import Affine
 
 import geoseg
 from geoseg.engine.device import run_on_device
@@ -20,7 +21,7 @@ from geoseg.engine.options import RunOptions
 from geoseg.geometry.grid import Grid, Layout
 
 from .conftest import small_cnn, smooth_image, write_raster
-from .test_engine import CountingBackend, _ArraySourceWithMask, _image_with_nodata, _reference
+from .test_engine import CountingBackend, _ArraySourceWithMask, _image_with_nodata, _reference, _size
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
@@ -41,7 +42,7 @@ def _cuda_model(cnn_model, precision="fp32"):
 
 
 def _run(model, img, valid, batch_size, confidence=True, graph=None):
-    layout = Layout.create(Grid(img.shape[1:], _identity()), tile=64, overlap=16,
+    layout = Layout.create(Grid(img.shape[1:], Affine.identity()), tile=64, overlap=16,
                            pad_multiple=model.card.pad_multiple, block_target=96)
     opts = RunOptions(layout.tile, layout.overlap, "hann", batch_size, confidence)
     out = np.full(img.shape[1:], 254, np.uint8)
@@ -56,12 +57,6 @@ def _run(model, img, valid, batch_size, confidence=True, graph=None):
 
     stats = run_on_device(_ArraySourceWithMask(img, valid), counting, layout, opts, sink, graph=graph)
     return out, conf, stats, layout
-
-
-def _identity():
-    from affine import Affine
-
-    return Affine.identity()
 
 
 def test_cuda_fp32_equals_cpu_predict_array(cnn_model):
@@ -137,11 +132,6 @@ def test_cuda_fp16_agrees_with_fp32(cnn_model):
     b = _run(_cuda_model(cnn_model, "fp16"), img, valid, 16, confidence=False)[0]
     assert (a == b).mean() > 0.995
     assert (b[~valid] == 255).all()
-
-
-def _size(layout, ij):
-    r, c = layout.block_slices(*ij)
-    return (r.stop - r.start) * (c.stop - c.start)
 
 
 def test_predict_on_cuda_picks_the_device_engine(tmp_path, yolo_checkpoint, monkeypatch):

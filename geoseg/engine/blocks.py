@@ -127,8 +127,12 @@ def _in_parallel(func: Callable[[Any], Any], items: list[Any], streams: int) -> 
 
 def class_histogram(classes: np.ndarray, k: int) -> np.ndarray:
     """(K + 1,) int64 pixel counts of a uint8 class block: classes 0..K-1, then nodata."""
-    h = np.bincount(classes.ravel(), minlength=256)
-    return np.concatenate([h[:k], h[NODATA : NODATA + 1]]).astype(np.int64)
+    return fold_histogram(np.bincount(classes.ravel(), minlength=256), k)
+
+
+def fold_histogram(counts: np.ndarray, k: int) -> np.ndarray:
+    """256 counts, one per uint8 value -> (K + 1,) int64: classes 0..K-1, then nodata."""
+    return np.concatenate([counts[:k], counts[NODATA : NODATA + 1]]).astype(np.int64)
 
 
 def predict_array(

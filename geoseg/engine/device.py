@@ -35,7 +35,7 @@ import numpy as np
 
 from ..geometry.grid import Layout
 from ..geometry.units import NODATA
-from .blocks import BlockOut, Source
+from .blocks import BlockOut, Source, fold_histogram
 from .options import RunOptions
 from .schedule import frontier
 
@@ -352,9 +352,7 @@ class _DeviceRun:
                 raise RuntimeError("a valid pixel received no tile weight; the tiling is wrong")
             classes = host[0].numpy()
             conf = host[1].numpy() if self.opts.confidence else None
-            h = host[-2].numpy()
-            hist = np.concatenate([h[: self.k], h[NODATA : NODATA + 1]]).astype(np.int64)
-            self.sink(ij, BlockOut(classes, conf, hist, run, skipped))
+            self.sink(ij, BlockOut(classes, conf, fold_histogram(host[-2].numpy(), self.k), run, skipped))
 
 
 def _to_host(a: Any, cuda: bool) -> Any:
