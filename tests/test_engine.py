@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 
@@ -179,6 +180,64 @@ def test_segment_dask_equals_numpy_and_sync(cnn_model):
     ref = _reference(cnn_model.backend, img, None, 64, 16)
     np.testing.assert_array_equal(a, ref.classes)
     np.testing.assert_array_equal(b, ref.classes)
+
+
+def test_segment_takes_any_chunking_and_a_mask(cnn_model):
+    # Block windows are cut from the input's chunks inside the block tasks:
+    # chunks split across bands, uneven chunks and a mask chunked another way
+    # must all give the classes of one in-memory array.
+    img = smooth_image((4, 257, 311), seed=8)
+    rng = np.random.default_rng(8)
+    mask = rng.random((257, 311)) > 0.1
+    lazy = da.from_array(img, chunks=((2, 2), (50, 100, 107), (7, 200, 104)))
+    got = geoseg.segment(lazy, cnn_model, bands=[1, 2, 3], tile_size=64, overlap=16,
+                         mask=da.from_array(mask, chunks=(33, 290))).compute(scheduler="threads")
+    want = geoseg.segment(img[:3], cnn_model, tile_size=64, overlap=16, mask=mask).compute(scheduler="sync")
+    ref = _reference(cnn_model.backend, img[:3], mask, 64, 16)
+    np.testing.assert_array_equal(want, ref.classes)
+    np.testing.assert_array_equal(got, want)
+    assert (got[~mask] == 255).all()
+
+
+class _Reads:
+    """An array-like that counts the reads of each dask chunk of it."""
+
+    def __init__(self, img):
+        self.img, self.shape, self.dtype, self.ndim = img, img.shape, img.dtype, img.ndim
+        self.count: dict = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, idx):
+        key = tuple((i.start, i.stop) for i in idx)
+        if any(a == b for a, b in key):
+            return self.img[idx]  # dask asking for an empty piece, to learn the type
+        with self._lock:
+            self.count[key] = self.count.get(key, 0) + 1
+        return self.img[idx]
+
+
+def test_segment_reads_follow_the_blocks(cnn_model, monkeypatch):
+    # Idle workers would read every chunk of a lazy input ahead of the block
+    # wavefront; reads wait for the sweep instead, so the input chunks held at
+    # any moment are a few, not the scene, and no chunk is read more than
+    # twice (a strip of it again for the blocks above it).
+    monkeypatch.setattr("geoseg.engine.lazy.lookahead", lambda: 2)
+    monkeypatch.setattr("geoseg.engine.lazy.resolve", functools.partial(resolve, block_target=200))  # 5 x 5 blocks
+    img = smooth_image((3, 960, 960), seed=9)
+    reads = _Reads(img)
+    x = da.from_array(reads, chunks=(3, 120, 120), asarray=False)  # 64 chunks
+    lazy = geoseg.segment(x, cnn_model, tile_size=64, overlap=16)
+    held = []
+
+    def watch(key, result, dsk, state, id):
+        held.append(sum(1 for k in state["cache"] if isinstance(k, tuple) and len(k) == 4))  # (name, band, row, col)
+
+    with dask.callbacks.Callback(posttask=watch):
+        got = lazy.compute(scheduler="threads", num_workers=2)
+    ref = _reference(cnn_model.backend, img, None, 64, 16)
+    np.testing.assert_array_equal(got, ref.classes)
+    assert len(reads.count) == 64 and max(reads.count.values()) <= 2
+    assert max(held) <= 16, max(held)
 
 
 def test_segment_dataarray_keeps_grid_and_stores_with_rioxarray(tmp_path, cnn_model):

@@ -29,24 +29,57 @@ from ..geometry.grid import Grid, Layout, reflect_index
 from ..geometry.units import NODATA
 from .adapters import MAX_NATIVE_TILE, adapt
 from .blocks import BlockOut, as_runnable, compute_block
+from .gating import gate_reads, lookahead, sweep_order
 from .options import RunOptions, Tiling, resolve
 
 
 def _lazy_block(parts: Any, mask_parts: Any, ridx: np.ndarray, cidx: np.ndarray, nodata: float | None,
                 model_ref: Any, layout: Layout, opts: RunOptions, i: int, j: int, top: Any, left: Any,
-                corner: Any) -> tuple[BlockOut, Any]:
-    from dask.array.core import concatenate3
-
-    win = concatenate3(parts) if isinstance(parts, list) else parts
-    data = win[:, ridx][:, :, cidx]
+                corner: Any, _after: Any = None) -> tuple[BlockOut, Any]:
+    # ``top``, ``left``, ``corner``: the strips that blocks (i - 1, j), (i, j - 1), (i - 1, j - 1) sent, or None;
+    # ``_after``: the classes of the block ``lookahead()`` places earlier in the sweep, which it waits for
+    data = _window(parts, ridx, cidx)
     ok = valid_mask(data, nodata)
     if mask_parts is not None:
-        m = concatenate3(mask_parts) if isinstance(mask_parts, list) else mask_parts
-        ok &= m[ridx][:, cidx].astype(bool)
-    return compute_block(data, ok, model_ref, layout, opts, i, j,
-                         top[1][0] if top is not None else None,
-                         left[1][1] if left is not None else None,
-                         corner[1][2] if corner is not None else None)
+        ok &= _window(mask_parts, ridx, cidx).astype(bool)
+    return compute_block(data, ok, model_ref, layout, opts, i, j, top, left, corner)
+
+
+def _window(parts: list[Any], ridx: np.ndarray, cidx: np.ndarray) -> np.ndarray:
+    """Pixels (``ridx``, ``cidx``) of the (..., rows, cols) chunks ``parts`` (nested lists, as dask keys).
+
+    Each chunk is cut to the rows and columns wanted before the pieces are
+    joined, so no copy of the whole chunks is made.
+    """
+    from dask.array.core import concatenate3
+
+    depth, first = 0, parts
+    while isinstance(first, list):
+        depth, first = depth + 1, first[0]
+    rows_at, cols_at = (np.cumsum((0, *sizes)) for sizes in _part_sizes(parts, depth))
+    lo_r, hi_r, lo_c, hi_c = int(ridx.min()), int(ridx.max()) + 1, int(cidx.min()), int(cidx.max()) + 1
+
+    def cut(node: Any, level: int, r: int = 0, c: int = 0) -> Any:
+        if level == depth - 2:
+            return [cut(n, level + 1, k, c) for k, n in enumerate(node)]
+        if level == depth - 1:
+            return [cut(n, level + 1, r, k) for k, n in enumerate(node)]
+        if level < depth - 2:
+            return [cut(n, level + 1) for n in node]
+        a, b = max(lo_r - rows_at[r], 0), min(hi_r, rows_at[r + 1]) - rows_at[r]
+        x, y = max(lo_c - cols_at[c], 0), min(hi_c, cols_at[c + 1]) - cols_at[c]
+        return node[..., a:b, x:y]
+
+    win = concatenate3(cut(parts, 0))
+    return win[..., ridx - lo_r, :][..., cidx - lo_c]
+
+
+def _part_sizes(parts: list[Any], depth: int) -> tuple[list[int], list[int]]:
+    """Row sizes and column sizes of a nested list of chunks whose last two levels are rows, columns."""
+    node = parts
+    for _ in range(depth - 2):
+        node = node[0]
+    return [r[0].shape[-2] for r in node], [c.shape[-1] for c in node[0]]
 
 
 def valid_mask(data: np.ndarray, nodata: float | None) -> np.ndarray:
@@ -64,8 +97,25 @@ def valid_mask(data: np.ndarray, nodata: float | None) -> np.ndarray:
     return valid
 
 
+def _covering(bounds: np.ndarray, idx: np.ndarray) -> tuple[int, range]:
+    """(first pixel, chunk indexes) of the input chunks along one axis that hold pixels ``idx``.
+
+    A block task takes those chunks whole and cuts its window itself: a
+    separate slicing task per block would be run as soon as a chunk is read
+    (it is cheap, and frees nothing), so the windows of blocks far ahead of
+    the wavefront would pile up in memory.
+    """
+    first = int(np.searchsorted(bounds, idx.min(), side="right")) - 1
+    last = int(np.searchsorted(bounds, idx.max(), side="right")) - 1
+    return int(bounds[first]), range(first, last + 1)
+
+
 def _classes(blk: tuple[BlockOut, Any]) -> np.ndarray:
     return blk[0].classes
+
+
+def _strip(blk: tuple[BlockOut, Any], k: int) -> np.ndarray:
+    return blk[1][k]
 
 
 def _confidence(blk: tuple[BlockOut, Any]) -> np.ndarray:
@@ -186,36 +236,74 @@ def _has_rioxarray() -> bool:
     return True
 
 
+def _block_windows(data: Any, mask: Any, layout: Layout,
+                   order: list[tuple[int, int]]) -> tuple[dict[Any, Any], dict[Any, int]]:
+    """Per block: (input chunk parts, mask chunk parts or None, row index, col index) into those
+    chunks, with each part named (chunk key, copy); and the place in ``order`` where each part is first used.
+
+    A chunk row below the block's own is taken as the "halo" copy, read again
+    for the blocks that reach into it from above (see :func:`gate_reads`).
+    """
+    h, w = layout.grid.shape
+    rb, cb = (np.cumsum((0, *c)) for c in data.chunks[1:])
+    windows: dict[Any, Any] = {}
+    uses: dict[Any, int] = {}
+    for pos, (i, j) in enumerate(order):
+        rows, cols = layout.block_extent(i, j)
+        ridx = reflect_index(np.arange(rows.start, rows.stop), h)
+        cidx = reflect_index(np.arange(cols.start, cols.stop), w)
+        (r0, rkeys), (c0, ckeys) = _covering(rb, ridx), _covering(cb, cidx)
+        home = int(np.searchsorted(rb, i * layout.block, side="right")) - 1
+        copy = {r: "halo" if r > home else "main" for r in rkeys}
+        parts = [[[((data.name, b, r, c), copy[r]) for c in ckeys] for r in rkeys] for b in range(len(data.chunks[0]))]
+        mparts = [[((mask.name, r, c), copy[r]) for c in ckeys] for r in rkeys] if mask is not None else None
+        for key in [k for band in parts for row in band for k in row] + [k for row in mparts or [] for k in row]:
+            uses.setdefault(key, pos)
+        windows[(i, j)] = parts, mparts, ridx - r0, cidx - c0
+    return windows, uses
+
+
 def segment_graph(data: Any, mask: Any, model_ref: Any, layout: Layout, opts: RunOptions, nodata: float | None,
                   token: str) -> tuple[Any, Any]:
     """Dask arrays (classes, confidence or None) for raw ``data`` (C, H, W) over ``layout``.
 
     ``mask`` is None or a dask (H, W) array, True where pixels are valid.
+    Blocks are swept input chunk by input chunk (:func:`sweep_order`); no
+    block starts more than :func:`lookahead` places ahead of the sweep, and
+    the input is read as the sweep reaches it (:func:`gate_reads`).
     """
     import dask.array as da
     from dask.highlevelgraph import HighLevelGraph
 
-    h, w = layout.grid.shape
     bname, cname, fname = f"geoseg-block-{token}", f"geoseg-classes-{token}", f"geoseg-confidence-{token}"
-    blocks: dict[Any, Any] = {}
+    if mask is not None:
+        mask = mask.rechunk(data.chunks[1:])
+    bounds = [np.cumsum((0, *c)) for c in data.chunks[1:]]
+    order = sweep_order(layout.iter_blocks(), lambda i, j: (i * layout.block, j * layout.block), *bounds)
+    windows, uses = _block_windows(data, mask, layout, order)
+    graph = data.__dask_graph__() if mask is None else {**data.__dask_graph__(), **mask.__dask_graph__()}
+    ahead = lookahead()
+    # A read waits for the classes of an earlier block: a small key, freed once the read has run.
+    blocks, new = gate_reads(graph, uses, [(cname, i, j) for i, j in order], ahead, f"geoseg-input-{token}")
     cls: dict[Any, Any] = {}
     cnf: dict[Any, Any] = {}
-    deps = []
-    for i, j in layout.iter_blocks():
-        rows, cols = layout.block_extent(i, j)
-        ridx = reflect_index(np.arange(rows.start, rows.stop), h)
-        cidx = reflect_index(np.arange(cols.start, cols.stop), w)
-        r0, c0 = int(ridx.min()), int(cidx.min())
-        r1, c1 = int(ridx.max()) + 1, int(cidx.max()) + 1
-        win = data[:, r0:r1, c0:c1]
-        mwin = mask[r0:r1, c0:c1] if mask is not None else None
-        deps += [win] if mwin is None else [win, mwin]
-        nb = [(bname, a, b) if a >= 0 and b >= 0 else None for a, b in ((i - 1, j), (i, j - 1), (i - 1, j - 1))]
-        blocks[(bname, i, j)] = (_lazy_block, win.__dask_keys__(), None if mwin is None else mwin.__dask_keys__(),
-                                 ridx - r0, cidx - c0, nodata, model_ref, layout, opts, i, j, *nb)
+    for pos, (i, j) in enumerate(order):
+        parts, mparts, ridx, cidx = windows[(i, j)]
+        keys = [[[new[k] for k in row] for row in band] for band in parts]
+        mkeys = [[new[k] for k in row] for row in mparts] if mparts is not None else None
+        # Each strip is a key of its own, so it is freed as soon as the one block that adds it has run.
+        nb = [(f"{bname}-strip{k}", a, b) if a >= 0 and b >= 0 else None
+              for k, (a, b) in enumerate(((i - 1, j), (i, j - 1), (i - 1, j - 1)))]
+        after = (cname, *order[pos - ahead]) if pos >= ahead else None
+        blocks[(bname, i, j)] = (_lazy_block, keys, mkeys, ridx, cidx, nodata, model_ref, layout, opts, i, j, *nb,
+                                 after)
+        for key in nb:
+            if key is not None:
+                blocks.setdefault(key, (_strip, (bname, *key[1:]), int(key[0][-1])))
         cls[(cname, i, j)] = (_classes, (bname, i, j))
         if opts.confidence:
             cnf[(fname, i, j)] = (_confidence, (bname, i, j))
+    deps = [] if all(new[k] != k[0] for k in new) else [data] if mask is None else [data, mask]
     chunks = layout.chunks()
     base = HighLevelGraph.from_collections(bname, blocks, dependencies=deps)
     layers: dict[str, Any] = dict(base.layers)
