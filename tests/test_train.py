@@ -69,3 +69,26 @@ def test_short_real_training_lowers_the_loss(tmp_path):
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     assert (tmp_path / "weights" / "last.safetensors").exists() and (tmp_path / "curves.png").exists()
     assert summary["step"] == 24
+
+
+def test_class_balanced_crops_show_rare_classes_more_often():
+    from geoseg.train.data import balanced
+
+    def sample(rng, size):  # class 3 in one crop of ten, in a corner
+        mask = np.zeros((size, size), np.uint8)
+        if rng.random() < 0.1:
+            mask[:4, :4] = 3
+        return np.zeros((3, size, size), np.float32), mask
+
+    def share_with_3(fn):
+        rng = np.random.default_rng(0)
+        return np.mean([(fn(rng, 16)[1] == 3).any() for _ in range(3000)])
+
+    assert balanced(sample, 5, 0.0) is sample
+    plain, aimed = share_with_3(sample), share_with_3(balanced(sample, 4, 1.0))
+    # A quarter of the crops aim at class 3 and find it in 1 - 0.9**8 of them; those aimed at class 0
+    # avoid it (the crop with the most 0s has no 3 unless all eight do); classes 1, 2 are absent (first crop).
+    assert plain == pytest.approx(0.1, abs=0.02)
+    assert aimed == pytest.approx(0.25 * (1 - 0.9**8) + 0.5 * 0.1 + 0.25 * 0.1**8, abs=0.03)
+    with pytest.raises(ConfigError, match="class_balance"):
+        balanced(sample, 5, 1.5)

@@ -349,5 +349,28 @@ class MixedDataset:
         return self.main.sample(rng, size)
 
 
+def balanced(sample: Any, num_classes: int, share: float, tries: int = 8) -> Any:
+    """``sample(rng, size)`` with a ``share`` of its crops aimed at a class drawn uniformly.
+
+    For such a crop, a class is drawn with equal odds for every class, and of
+    ``tries`` random crops the one with the most pixels of it is kept. Rare
+    classes (roads, vegetation in desert cities) are then seen far more often
+    than their share of the pixels, for any dataset layout.
+    """
+    if not 0 <= share <= 1:
+        raise ConfigError(f"data.class_balance must be in [0, 1], got {share}")
+    if share == 0:
+        return sample
+
+    def draw(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+        if rng.random() >= share:
+            return sample(rng, size)
+        c = int(rng.integers(num_classes))
+        crops = [sample(rng, size) for _ in range(tries)]
+        return max(crops, key=lambda im: int(np.count_nonzero(im[1] == c)))
+
+    return draw
+
+
 def open_dataset(spec: DatasetSpec, split: str) -> MaskDataset | GeoDataset:
     return GeoDataset(spec, split) if spec.kind == "geo" else MaskDataset(spec, split)

@@ -36,7 +36,7 @@ from ..models.checkpoint import (
 )
 from ..models.registry import create_model
 from .augment import augment_sample
-from .data import DatasetSpec, MixedDataset, load_dataset_spec, open_dataset
+from .data import DatasetSpec, MixedDataset, balanced, load_dataset_spec, open_dataset
 from .evaluate import evaluate_dataset
 from .losses import inverse_log_frequency, segmentation_loss
 from .recipe import Recipe
@@ -103,8 +103,9 @@ def _band_stats(ds: Any, scale: float) -> tuple[list[float], list[float]]:
 def _batch(ds: Any, rng: np.random.Generator, recipe: Recipe, card: ModelCard,
            value_range: float) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ms = [], []
+    sample = balanced(ds.sample, card.num_classes, recipe.data.class_balance)
     for _ in range(recipe.data.batch):
-        img, mask = augment_sample(rng, ds.sample, recipe.data.imgsz, recipe.data.augment, value_range)
+        img, mask = augment_sample(rng, sample, recipe.data.imgsz, recipe.data.augment, value_range)
         xs.append(card.normalize(img))
         ms.append(mask)
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ms).astype(np.int64))
@@ -184,6 +185,8 @@ def _output_folder(recipe: Recipe, recipe_dir: Path, resume: bool) -> tuple[Path
     tr, d = recipe.train, recipe.data
     if d.imgsz % 32:
         raise ConfigError(f"data.imgsz {d.imgsz} must be a multiple of 32")
+    if not 0 <= d.class_balance <= 1:
+        raise ConfigError(f"data.class_balance must be in [0, 1], got {d.class_balance}")
     out = (recipe_dir / tr.output).resolve() if not Path(tr.output).is_absolute() else Path(tr.output)
     wdir = out / "weights"
     if not resume and (wdir / "last.safetensors").exists():

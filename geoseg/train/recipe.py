@@ -31,6 +31,7 @@ class DataSection:
     gsd: float | None = None  # metres per pixel of the training imagery (goes into the card)
     extra_datasets: tuple[str, ...] = ()  # more dataset YAMLs (same classes), train split only
     extra_share: float = 0.25  # share of the training samples drawn from extra_datasets
+    class_balance: float = 0.0  # share of crops aimed at a class drawn uniformly (see train.data.balanced)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
