@@ -18,6 +18,7 @@ from geoseg.engine.device import run_on_device
 from geoseg.engine.options import Tiling, resolve
 from geoseg.geometry.grid import Grid
 from geoseg.io.raster import RasterSource
+from geoseg.models.loading import ModelSpec
 
 from .conftest import REPO, smooth_image, write_raster
 
@@ -182,21 +183,49 @@ def test_segment_dask_equals_numpy_and_sync(cnn_model):
     np.testing.assert_array_equal(b, ref.classes)
 
 
-def test_segment_takes_any_chunking_and_a_mask(cnn_model):
+def test_segment_takes_any_chunking_and_a_mask(cnn_model, monkeypatch):
     # Block windows are cut from the input's chunks inside the block tasks:
-    # chunks split across bands, uneven chunks and a mask chunked another way
-    # must all give the classes of one in-memory array.
+    # chunks split across bands, uneven chunks smaller and larger than the
+    # blocks, and a mask chunked another way or made from the same graph must
+    # all give the classes of one in-memory array, with many blocks in flight.
+    monkeypatch.setattr("geoseg.engine.lazy.lookahead", lambda: 1)
+    monkeypatch.setattr("geoseg.engine.lazy.resolve", functools.partial(resolve, block_target=96))
     img = smooth_image((4, 257, 311), seed=8)
-    rng = np.random.default_rng(8)
-    mask = rng.random((257, 311)) > 0.1
+    img[3] = np.where(np.random.default_rng(8).random((257, 311)) > 0.1, 200, 0)
+    mask = img[3] > 0
     lazy = da.from_array(img, chunks=((2, 2), (50, 100, 107), (7, 200, 104)))
-    got = geoseg.segment(lazy, cnn_model, bands=[1, 2, 3], tile_size=64, overlap=16,
-                         mask=da.from_array(mask, chunks=(33, 290))).compute(scheduler="threads")
-    want = geoseg.segment(img[:3], cnn_model, tile_size=64, overlap=16, mask=mask).compute(scheduler="sync")
     ref = _reference(cnn_model.backend, img[:3], mask, 64, 16)
-    np.testing.assert_array_equal(want, ref.classes)
-    np.testing.assert_array_equal(got, want)
-    assert (got[~mask] == 255).all()
+    for m in (da.from_array(mask, chunks=(33, 290)), lazy[3] > 0):
+        got = geoseg.segment(lazy, cnn_model, bands=[1, 2, 3], tile_size=64, overlap=16, mask=m)
+        assert len(got.chunks[0]) > 2 and len(got.chunks[1]) > 2
+        np.testing.assert_array_equal(got.compute(scheduler="threads"), ref.classes)
+    assert (ref.classes[~mask] == 255).all()
+
+
+def test_segment_parts_of_the_result_compute_alone(cnn_model, monkeypatch):
+    # A window of the result, or one output of the pair, keeps what it needs when dask culls the graph.
+    monkeypatch.setattr("geoseg.engine.lazy.resolve", functools.partial(resolve, block_target=96))
+    img = smooth_image((3, 300, 280), seed=10)
+    x = da.from_array(img, chunks=(3, 100, 90))
+    ref = _reference(cnn_model.backend, img, None, 64, 16, confidence=True)
+    classes = geoseg.segment(x, cnn_model, tile_size=64, overlap=16)
+    np.testing.assert_array_equal(classes[-50:, -70:].compute(), ref.classes[-50:, -70:])
+    c, f = geoseg.segment(x, cnn_model, tile_size=64, overlap=16, confidence=True)
+    np.testing.assert_array_equal(c.compute(), ref.classes)
+    np.testing.assert_allclose(f[100:150].compute(), ref.confidence[100:150], atol=1e-5)
+
+
+def test_segment_on_a_persisted_cluster_input(yolo_checkpoint):
+    # Persisted chunks are futures, not tasks: they are taken as they are, not copied or gated.
+    distributed = pytest.importorskip("distributed")
+    model = geoseg.load_model(str(yolo_checkpoint), device="cpu")
+    img = smooth_image((3, 200, 210), seed=11)
+    ref = _reference(model.backend, img, None, 64, 16)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        x = client.persist(da.from_array(img, chunks=(3, 64, 64)))
+        spec = ModelSpec(str(yolo_checkpoint), device="cpu")  # what a cluster's workers load
+        got = geoseg.segment(x, spec, tile_size=64, overlap=16).compute()
+    np.testing.assert_array_equal(got, ref.classes)
 
 
 class _Reads:

@@ -83,7 +83,7 @@ def _gated_copy(dsk: dict[Any, Any], uses: dict[Any, int], order: Sequence[Any],
         stack = [key]
         while stack:
             k = stack.pop()
-            if k in first:
+            if k in first or k not in dsk:  # not in the graph: held elsewhere (a persisted future)
                 continue
             first[k] = uses[key]  # keys are visited by first use, so this is the earliest
             stack.extend(dsk[k].dependencies)
@@ -91,11 +91,12 @@ def _gated_copy(dsk: dict[Any, Any], uses: dict[Any, int], order: Sequence[Any],
     for k, pos in first.items():
         node = dsk[k].substitute(new, key=new[k])
         gate = pos - ahead
-        reads = isinstance(node, Task) and all(isinstance(dsk[d], DataNode) for d in dsk[k].dependencies)
+        reads = isinstance(node, Task) and all(d not in dsk or isinstance(dsk[d], DataNode)
+                                               for d in dsk[k].dependencies)
         if reads and gate >= 0:
             node = Task(new[k], _after, TaskRef(order[gate]), node)
         out[new[k]] = node
-    return new
+    return {k: new.get(k, k) for k in uses}
 
 
 def _after(_gate: Any, value: Any) -> Any:

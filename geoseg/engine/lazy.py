@@ -303,16 +303,15 @@ def segment_graph(data: Any, mask: Any, model_ref: Any, layout: Layout, opts: Ru
         cls[(cname, i, j)] = (_classes, (bname, i, j))
         if opts.confidence:
             cnf[(fname, i, j)] = (_confidence, (bname, i, j))
-    deps = [] if all(new[k] != k[0] for k in new) else [data] if mask is None else [data, mask]
+    # One layer holds the blocks, strips, input copies and classes: the reads and blocks wait for class
+    # keys, and culling a layer follows its own keys, so a slice of the result keeps what it needs.
+    blocks.update(cls)
     chunks = layout.chunks()
-    base = HighLevelGraph.from_collections(bname, blocks, dependencies=deps)
-    layers: dict[str, Any] = dict(base.layers)
-    dependencies = dict(base.dependencies)
-    layers[cname], dependencies[cname] = cls, {bname}
-    classes = da.Array(HighLevelGraph(layers, dependencies), cname, chunks=chunks, dtype=np.uint8)
+    base = HighLevelGraph.from_collections(cname, blocks, dependencies=[data] if mask is None else [data, mask])
+    classes = da.Array(base, cname, chunks=chunks, dtype=np.uint8)
     conf = None
     if opts.confidence:
-        layers[fname], dependencies[fname] = cnf, {bname}
+        layers, dependencies = {**base.layers, fname: cnf}, {**base.dependencies, fname: {cname}}
         conf = da.Array(HighLevelGraph(layers, dependencies), fname, chunks=chunks, dtype=np.float32)
     return classes, conf
 
