@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from dataclasses import replace
 
 import dask
 import dask.array as da
@@ -267,6 +268,33 @@ def test_segment_reads_follow_the_blocks(cnn_model, monkeypatch):
     np.testing.assert_array_equal(got, ref.classes)
     assert len(reads.count) == 64 and max(reads.count.values()) <= 2
     assert max(held) <= 16, max(held)
+
+
+def test_segment_at_a_coarser_model_gsd_reads_validity_after_the_blocks(cnn_model):
+    # A model 100x coarser than the array: segment averages 4 x 4 cells first and puts nodata back on
+    # the array's grid from its full-resolution validity, whose reads wait for the blocks too.
+    pytest.importorskip("rioxarray")  # .rio accessors
+    import xarray as xr
+    from affine import Affine
+
+    from .conftest import small_cnn
+
+    card = replace(cnn_model.card, gsd=1.0)
+    model = geoseg.load_model(small_cnn(), card=card, device="cpu")
+    img = smooth_image((3, 960, 960), seed=3)
+    img[:, :100, :130] = 0
+    x = xr.DataArray(da.from_array(img, chunks=(3, 120, 120)), dims=("band", "y", "x"),
+                     coords={"y": 5e6 - 0.01 * (np.arange(960) + 0.5), "x": 5e5 + 0.01 * (np.arange(960) + 0.5)})
+    x = x.rio.write_crs("EPSG:32633").rio.write_transform(Affine(0.01, 0, 5e5, 0, -0.01, 5e6)).rio.write_nodata(0)
+    held = []
+
+    def watch(key, result, dsk, state, id):
+        held.append(sum(1 for k in state["cache"] if isinstance(k, tuple) and "valid_mask" in str(k[0])))
+
+    with dask.callbacks.Callback(posttask=watch):
+        got = geoseg.segment(x, model).compute(scheduler="threads", num_workers=2).values
+    assert (got[:100, :130] == 255).all() and (got[100:, 130:] != 255).all()
+    assert max(held) <= 8, max(held)  # of 64 chunks
 
 
 def test_segment_dataarray_keeps_grid_and_stores_with_rioxarray(tmp_path, cnn_model):

@@ -192,6 +192,35 @@ def _expand(a: Any, d: int, shape: tuple[int, int], valid: Any, fill: float) -> 
     return da.where(valid, big, np.asarray(fill, dtype=a.dtype))
 
 
+def _valid_after_blocks(valid: Any, classes: Any, d: int, token: str) -> Any:
+    """``valid`` (full resolution) with each chunk's reads waiting for the coarse blocks it is paired with.
+
+    A chunk of the result needs the coarse classes of every block over it;
+    the one at its lower right comes last in any order the wavefront takes,
+    so the chunk's reads wait for it, and the full-resolution input is read
+    as the blocks reach it, not ahead of them (see :func:`gate_reads`).
+    """
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph
+
+    rb, cb = (np.cumsum((0, *c)) for c in classes.chunks)
+    ra, ca = (np.cumsum((0, *c)) for c in valid.chunks)
+    gates: list[Any] = []
+    uses: dict[Any, int] = {}
+    for r in range(len(valid.chunks[0])):
+        i = int(np.searchsorted(rb, (ra[r + 1] - 1) // d, side="right")) - 1
+        for c in range(len(valid.chunks[1])):
+            j = int(np.searchsorted(cb, (ca[c + 1] - 1) // d, side="right")) - 1
+            uses[((valid.name, r, c), "main")] = len(gates)
+            gates.append((classes.name, i, j))
+    tasks, new = gate_reads(valid.__dask_graph__(), uses, gates, 0, f"geoseg-valid-{token}")
+    name = new[((valid.name, 0, 0), "main")][0]
+    if not tasks or name == valid.name:  # nothing to gate (or dask without task objects)
+        return valid
+    graph = HighLevelGraph.from_collections(name, tasks, dependencies=[valid, classes])
+    return da.Array(graph, name, chunks=valid.chunks, dtype=bool)
+
+
 def _grid_of(xarr: Any, shape: tuple[int, int]) -> Grid:
     """The input's grid (CRS and transform through rioxarray), or a bare pixel grid."""
     from affine import Affine
@@ -377,6 +406,7 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
         valid = full.map_blocks(valid_mask, full_nd, drop_axis=0, dtype=bool)
         mask_full = _as_mask(mask, shape)
         valid = valid if mask_full is None else valid & mask_full.astype(bool)
+        valid = _valid_after_blocks(valid, classes, d, token)
         classes, conf = (_expand(a, d, shape, valid, fill) if a is not None else None
                          for a, fill in ((classes, NODATA), (conf, -1.0)))
     if xarr is None:
