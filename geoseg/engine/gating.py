@@ -18,6 +18,7 @@ only the memory bound is lost.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -42,8 +43,20 @@ def sweep_order(blocks: Iterable[tuple[int, int]], origin: Any, row_bounds: np.n
 
 
 def lookahead() -> int:
-    """How many blocks ahead of its first use an input chunk may be read."""
-    return 2 * (os.cpu_count() or 1)
+    """How many blocks ahead of its first use an input chunk may be read: twice the threads that run them.
+
+    Those of the current dask.distributed client where there is one (its
+    workers run the graph), else this machine's cores.
+    """
+    threads = os.cpu_count() or 1
+    if "distributed" in sys.modules:  # only where the user has a client: importing it is slow
+        try:
+            from distributed import default_client
+
+            threads = max(1, sum(default_client().nthreads().values()))
+        except (ValueError, ImportError):  # no client
+            pass
+    return 2 * threads
 
 
 def gate_reads(graph: Any, uses: dict[tuple[Any, str], int], order: Sequence[Any], ahead: int,
