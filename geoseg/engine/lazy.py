@@ -40,46 +40,26 @@ def _lazy_block(parts: Any, mask_parts: Any, ridx: np.ndarray, cidx: np.ndarray,
     # ``_after``: the classes of the block ``lookahead()`` places earlier in the sweep, which it waits for
     data = _window(parts, ridx, cidx)
     ok = valid_mask(data, nodata)
-    if mask_parts is not None:
-        ok &= _window(mask_parts, ridx, cidx).astype(bool)
+    if mask_parts is not None:  # (row, col) chunks of (h, w): one band of chunks of one band
+        ok &= _window([[[m[None] for m in row] for row in mask_parts]], ridx, cidx)[0].astype(bool)
     return compute_block(data, ok, model_ref, layout, opts, i, j, top, left, corner)
 
 
 def _window(parts: list[Any], ridx: np.ndarray, cidx: np.ndarray) -> np.ndarray:
-    """Pixels (``ridx``, ``cidx``) of the (..., rows, cols) chunks ``parts`` (nested lists, as dask keys).
+    """Pixels (``ridx``, ``cidx``) of the (band, row, col) nested list of (C, h, w) chunks ``parts``.
 
     Each chunk is cut to the rows and columns wanted before the pieces are
     joined, so no copy of the whole chunks is made.
     """
     from dask.array.core import concatenate3
 
-    depth, first = 0, parts
-    while isinstance(first, list):
-        depth, first = depth + 1, first[0]
-    rows_at, cols_at = (np.cumsum((0, *sizes)) for sizes in _part_sizes(parts, depth))
+    rows_at = np.cumsum((0, *(row[0].shape[-2] for row in parts[0])))
+    cols_at = np.cumsum((0, *(chunk.shape[-1] for chunk in parts[0][0])))
     lo_r, hi_r, lo_c, hi_c = int(ridx.min()), int(ridx.max()) + 1, int(cidx.min()), int(cidx.max()) + 1
-
-    def cut(node: Any, level: int, r: int = 0, c: int = 0) -> Any:
-        if level == depth - 2:
-            return [cut(n, level + 1, k, c) for k, n in enumerate(node)]
-        if level == depth - 1:
-            return [cut(n, level + 1, r, k) for k, n in enumerate(node)]
-        if level < depth - 2:
-            return [cut(n, level + 1) for n in node]
-        a, b = max(lo_r - rows_at[r], 0), min(hi_r, rows_at[r + 1]) - rows_at[r]
-        x, y = max(lo_c - cols_at[c], 0), min(hi_c, cols_at[c + 1]) - cols_at[c]
-        return node[..., a:b, x:y]
-
-    win = concatenate3(cut(parts, 0))
-    return win[..., ridx - lo_r, :][..., cidx - lo_c]
-
-
-def _part_sizes(parts: list[Any], depth: int) -> tuple[list[int], list[int]]:
-    """Row sizes and column sizes of a nested list of chunks whose last two levels are rows, columns."""
-    node = parts
-    for _ in range(depth - 2):
-        node = node[0]
-    return [r[0].shape[-2] for r in node], [c.shape[-1] for c in node[0]]
+    cut = [[[chunk[..., max(lo_r - rows_at[r], 0): min(hi_r, rows_at[r + 1]) - rows_at[r],
+                   max(lo_c - cols_at[c], 0): min(hi_c, cols_at[c + 1]) - cols_at[c]]
+             for c, chunk in enumerate(row)] for r, row in enumerate(band)] for band in parts]
+    return concatenate3(cut)[:, ridx - lo_r][:, :, cidx - lo_c]
 
 
 def valid_mask(data: np.ndarray, nodata: float | None) -> np.ndarray:
