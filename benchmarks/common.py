@@ -54,13 +54,16 @@ def mosaic_vrt(src: Path, dst: Path, size: int, bands: list[int]) -> Path:
     return dst
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float]:
+def run_measured(cmd: list[str], *, sample: bool = True) -> tuple[float, float]:
     """Run a command; return (wall seconds, its peak RSS in MiB).
 
     The peak is the larger of the biggest single process's ``ru_maxrss``
     (exact) and the sampled sum of PSS over the command's process tree, so
     worker processes count too, and pages a forked worker shares with its
-    parent count once rather than twice.
+    parent count once rather than twice. Sampling PSS makes the kernel walk
+    every mapping of every process (about 35 ms for a 1 GB process), which
+    on a 2-core machine takes a large share of a core: runs that are timed
+    pass ``sample=False`` and report ``ru_maxrss`` alone.
     """
     import psutil
 
@@ -73,7 +76,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float]:
                          text=True)
     tree_peak = 0
     parent = psutil.Process(p.pid)
-    while p.poll() is None:
+    while sample and p.poll() is None:
         try:
             tree_peak = max(tree_peak, sum(c.memory_full_info().pss for c in parent.children(recursive=True)))
         except psutil.Error:

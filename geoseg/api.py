@@ -59,12 +59,18 @@ class Model:
 
 
 def load_model(model: Any, *, card: str | Path | ModelCard | None = None, device: str = "auto",
-               amp: bool | None = None, streams: int | None = None, precision: str = "auto") -> Model:
+               amp: bool | None = None, streams: int | None = None, precision: str = "auto",
+               runtime: str = "auto") -> Model:
     """Load a model: a built-in name, an ``.onnx`` or ``.safetensors`` path, a directory, or a
-    ``torch.nn.Module`` with its ``card`` (see :func:`geoseg.models.loading.load_model`)."""
+    ``torch.nn.Module`` with its ``card`` (see :func:`geoseg.models.loading.load_model`).
+
+    On CPU a ``.safetensors`` checkpoint runs through ONNX Runtime (a cached
+    export) unless ``runtime="torch"``, which keeps the torch module
+    (``model.module``)."""
     if isinstance(model, Model):
         return model
-    return Model(_load_backend(model, card=card, device=device, amp=amp, streams=streams, precision=precision))
+    return Model(_load_backend(model, card=card, device=device, amp=amp, streams=streams, precision=precision,
+                               runtime=runtime))
 
 
 def infer(image: Any, model: Any, **kwargs: Any) -> tuple[Any, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from .main import one_line_errors
-from .options import output_options
+from .options import output_options, runtime_option
 from .predict_cmd import _bands
 
 
@@ -79,6 +79,7 @@ def _summary_table(result: Any, console: Any, limit: int = 25) -> None:
               help="Forward passes at once per worker [default: the node's cores shared among its workers].")
 @click.option("--precision", default="auto", show_default=True,
               type=click.Choice(["auto", "fp16", "bf16", "fp32"]), help="Autocast type on a GPU (auto: fp16).")
+@runtime_option
 @click.option("--bands", "bands", help="Bands by number (3,2,1) or name (red,green,blue) [default: by name, else all].")
 @output_options
 @click.option("--overwrite", is_flag=True, help="Replace outputs of scenes that are not from this job.")

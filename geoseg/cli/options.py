@@ -28,3 +28,9 @@ def output_options(fn: F) -> F:
     for option in reversed(_OUTPUTS):
         fn = option(fn)
     return fn
+
+
+runtime_option = click.option(
+    "--runtime", default="auto", show_default=True, type=click.Choice(["auto", "torch", "onnx"]),
+    help="How a .safetensors model runs: onnx (a cached ONNX export on ONNX Runtime), torch, or auto "
+         "(onnx on CPU, torch on a GPU).")

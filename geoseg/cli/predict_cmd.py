@@ -13,7 +13,7 @@ from ..errors import PartialRunError
 from ..io.staging import Staging
 from ..workflow.predict import default_output
 from .main import one_line_errors
-from .options import output_options
+from .options import output_options, runtime_option
 
 
 def _command(flag: str) -> str:
@@ -53,6 +53,7 @@ def _bands(value: str | None) -> list[int | str] | None:
               type=click.Choice(["auto", "fp16", "bf16", "fp32"]), help="Autocast type on a GPU (auto: fp16).")
 @click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "blocks", "device"]),
               help="device: device-resident blocks and batches across blocks (auto: for torch models on a GPU).")
+@runtime_option
 @click.option("--scheduler", help="dask.distributed scheduler address [default: local threads].")
 @click.option("--workers", "num_workers", type=int,
               help="Local block threads [default: CPU count + 1] and polygonizing processes [default: CPU count].")

@@ -108,5 +108,5 @@ def export(model: str, card: Path | None, fmt: str, output: Path) -> None:
     from ..models.loading import load_model
     from ..train.export import export_model
 
-    path = export_model(load_model(model, card=card, device="cpu"), output, fmt)
+    path = export_model(load_model(model, card=card, device="cpu", runtime="torch"), output, fmt)
     click.echo(f"wrote {path} and {path.with_suffix('.yaml')}")

@@ -17,6 +17,7 @@ neighbouring tiles fade into each other.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -109,17 +110,26 @@ def accumulate(acc: np.ndarray, logits: np.ndarray, window: np.ndarray, row: int
     ``acc`` is (K + 1, H, W) float32: channels ``:K`` hold ``sum(w * logits)``,
     channel ``K`` holds ``sum(w)``. ``logits`` is (K, T, T) float32 at the
     output grid; ``(row, col)`` is the tile origin in ``acc``'s pixel
-    coordinates. The multiply-add runs as one fused pass (torch's
-    ``addcmul_`` on views of the same memory), about three times faster than
-    numpy's multiply then add.
+    coordinates. Where torch is loaded anyway (a torch model), the
+    multiply-add runs as one fused pass (``addcmul_`` on views of the same
+    memory), 4-10x faster than numpy; otherwise (ONNX Runtime alone, which
+    starts 1.5 s sooner without torch) numpy runs it plane by plane, about
+    0.4 ms for a 256² tile of 3 classes, next to a forward pass of 50-100 ms.
     """
-    import torch
-
     k, t, _ = logits.shape
-    region = torch.from_numpy(acc[:, row : row + t, col : col + t])
-    w = torch.from_numpy(window)
-    region[:k].addcmul_(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), w)
-    region[k].add_(w)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        region = torch.from_numpy(acc[:, row : row + t, col : col + t])
+        w = torch.from_numpy(window)
+        region[:k].addcmul_(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), w)
+        region[k].add_(w)
+        return
+    region = acc[:, row : row + t, col : col + t]
+    scratch = np.empty(window.shape, np.float32)
+    for c in range(k):
+        np.multiply(logits[c], window, out=scratch)
+        region[c] += scratch
+    region[k] += window
 
 
 def argmax_classes(scores: np.ndarray) -> np.ndarray:

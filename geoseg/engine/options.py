@@ -24,6 +24,7 @@ MAX_TILE = 8192
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 ENGINES = ("auto", "blocks", "device")
+RUNTIMES = ("auto", "torch", "onnx")
 
 
 def default_overlap(tile: int) -> int:
@@ -90,6 +91,7 @@ class Compute:
     engine: str = "auto"
     scheduler: Any = None
     num_workers: int | None = None
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
         check_positive("batch size", self.batch_size, "--batch-size")
@@ -97,6 +99,8 @@ class Compute:
         check_positive("workers", self.num_workers, "--workers")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"unknown runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown engine {self.engine!r}; choose one of: {', '.join(ENGINES)}")
 

@@ -247,9 +247,9 @@ class OnnxBackend(Backend):
         return self._sessions[n]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        import torch
-
         y = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-        if y.shape[-2:] != x.shape[-2:]:
+        if y.shape[-2:] != x.shape[-2:]:  # a graph whose logits come out at a stride (torch only then)
+            import torch
+
             y = _upsample(torch.from_numpy(y), tuple(x.shape[-2:])).numpy()
         return np.asarray(y, dtype=np.float32)

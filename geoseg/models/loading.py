@@ -12,9 +12,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelCardError, ModelNotFoundError
+from ..errors import ConfigError, GeosegError, ModelCardError, ModelNotFoundError
 from .backends import Backend, OnnxBackend, TorchBackend
 from .card import ModelCard
+from .onnx_runtime import RUNTIMES, cached_export, wants_onnx
 
 WEIGHTS_PACKAGE = "geoseg.weights"
 
@@ -28,10 +29,11 @@ class ModelSpec:
     device: str = "auto"
     streams: int | None = None
     precision: str = "auto"
+    runtime: str = "auto"
 
     def load(self) -> Backend:
         return load_model(self.model, card=self.card, device=self.device, streams=self.streams,
-                          precision=self.precision)
+                          precision=self.precision, runtime=self.runtime)
 
 
 _PROCESS_CACHE: dict[ModelSpec, Backend] = {}
@@ -80,6 +82,7 @@ def load_model(
     amp: bool | None = None,
     streams: int | None = None,
     precision: str = "auto",
+    runtime: str = "auto",
 ) -> Backend:
     """Load a model the predict engine can run.
 
@@ -89,8 +92,13 @@ def load_model(
     a ``torch.nn.Module`` (``card`` required) or an already loaded backend.
     ``streams``
     is how many forward passes may run at once (CPU default 2, each on
-    ``cores // streams`` threads; GPU 1).
+    ``cores // streams`` threads; GPU 1). ``runtime`` is how a
+    ``.safetensors`` checkpoint runs: ``torch``, ``onnx`` (a cached ONNX export
+    run by ONNX Runtime) or ``auto`` (ONNX Runtime on CPU, torch on a GPU;
+    see :mod:`geoseg.models.onnx_runtime`).
     """
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; use {', '.join(RUNTIMES)}")
     if isinstance(model, Backend):
         return model
     if not isinstance(model, (str, Path)):
@@ -100,7 +108,7 @@ def load_model(
         return TorchBackend(model, c, device=device, amp=amp, streams=streams, precision=precision)
 
     spec = ModelSpec(str(model), None if card is None or isinstance(card, ModelCard) else str(card), device,
-                     streams, precision)
+                     streams, precision, runtime)
     path = Path(model)
     builtins = builtin_models()
     if not path.exists() and str(model) in builtins:
@@ -121,8 +129,15 @@ def load_model(
         backend: Backend = OnnxBackend(path, _card_beside(path, card), device=device, streams=streams)
         _check_onnx_classes(backend, path)
     elif suffix == ".safetensors":
-        backend = _load_safetensors(path, _card_beside(path, card), device=device, amp=amp,
-                                    streams=streams, precision=precision)
+        c = _card_beside(path, card)
+        note = None
+        if wants_onnx(runtime, device, precision):
+            on_onnx, note = _checkpoint_on_onnx(path, c, device=device, streams=streams, required=runtime == "onnx")
+            if on_onnx is not None:
+                on_onnx.spec = spec  # type: ignore[attr-defined]
+                return on_onnx
+        backend = _load_safetensors(path, c, device=device, amp=amp, streams=streams, precision=precision)
+        backend.runtime_note = note  # type: ignore[attr-defined]
     elif suffix in (".pt", ".pth", ".ckpt", ".pkl"):
         raise ModelCardError(
             f"{path.name} is a pickled checkpoint, which can execute code when loaded; save its weights with "
@@ -132,6 +147,29 @@ def load_model(
         raise ModelNotFoundError(f"{path.name}: unknown model format {suffix!r}; use .onnx or .safetensors")
     backend.spec = spec  # type: ignore[attr-defined]
     return backend
+
+
+def _checkpoint_on_onnx(path: Path, card: ModelCard, *, device: str, streams: int | None,
+                        required: bool) -> tuple[Backend | None, str | None]:
+    """Checkpoint ``path`` as an ONNX Runtime backend over its cached export, or (None, why not)."""
+    check_safetensors(path)
+    if not card.architecture:
+        raise ModelCardError(
+            f"card for {path.name} has no 'architecture'; add e.g. 'architecture: geoseg-n-sem'"
+        )
+    try:
+        onnx = cached_export(path, card, lambda: _load_safetensors(path, card, device="cpu", amp=None,
+                                                                    streams=1).module)  # type: ignore[attr-defined]
+    except GeosegError:
+        raise  # the checkpoint does not match its card: the user's to fix, whatever the runtime
+    except Exception as e:  # an unwritable cache, or a module the exporter cannot trace
+        why = f"no ONNX export of {path.name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if required:
+            raise ModelCardError(f"{why}; run it with --runtime torch") from None
+        return None, f"{why}; ran in torch"
+    backend = OnnxBackend(onnx, card, device="cpu" if device == "auto" else device, streams=streams)
+    backend.checkpoint = path  # type: ignore[attr-defined]
+    return backend, None
 
 
 def _load_safetensors(path: Path, card: ModelCard, *, device: str, amp: bool | None,

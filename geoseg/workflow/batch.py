@@ -332,17 +332,19 @@ class Job:
         self.model, self.card_path = str(absolute(model)), absolute(card)
         if not self.cluster.scheduler:
             resolve_device(compute.device)  # a missing GPU is refused before a local cluster starts
-        net = load_model(self.model, card=self.card_path, device="cpu")  # refuses a bad model before any work
+        # refuses a bad model before any work (and makes the CPU runtime's ONNX export once, for every worker)
+        net = load_model(self.model, card=self.card_path, device="cpu", runtime=compute.runtime)
         self.card = net.card
         path, fmt = model_file(self.model)
-        fmt = "onnx" if isinstance(net, OnnxBackend) else fmt
+        fmt = "onnx" if isinstance(net, OnnxBackend) and not hasattr(net, "checkpoint") else fmt
         self.model_info = {"href": str(path) if path else None, "format": fmt,
                            "media_type": f"application/octet-stream; application={fmt}"}
         self.device = compute.device
-        self.spec = ModelSpec(self.model, self.card_path, compute.device, compute.streams, compute.precision)
+        self.spec = ModelSpec(self.model, self.card_path, compute.device, compute.streams, compute.precision,
+                              compute.runtime)
         self.options = options
         self.task_options = {k: v for k, v in options.items() if k not in ("device", "streams", "precision",
-                                                                          "overwrite")}
+                                                                          "runtime", "overwrite")}
         self.names = [n for n in outputs.names() if n != "classes.tif.aux.xml"]
         self.vector_suffix = vector_format(outputs.vector_format)[1] if outputs.polygons else None
         self.logs = self.root / LOGS

@@ -153,7 +153,8 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
     if outputs.zones is not None:
         _check_zones(Path(outputs.zones), outputs.zone_field)
     net = model if isinstance(model, Backend) else load_model(
-        model, card=card, device=compute.device, streams=compute.streams, precision=compute.precision)
+        model, card=card, device=compute.device, streams=compute.streams, precision=compute.precision,
+        runtime="torch" if compute.engine == "device" else compute.runtime)  # the device engine runs modules
     use = _choose_bands(str(src), bands, names, count, default, net.card)
     runner, tiled, adapted = adapt(net, tiling, grid)
     work, d = grid, 1
@@ -185,7 +186,8 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
         if spec is None:
             raise ConfigError("a model passed as an object cannot be sent to a cluster; pass its path")
         model_ref = AdaptedSpec(ModelSpec(_absolute(spec.model), _absolute(spec.card) if spec.card else None,
-                                          compute.device, compute.streams, compute.precision),
+                                          compute.device, compute.streams, compute.precision,
+                                          getattr(spec, "runtime", "auto")),
                                 adapted["tta"], adapted["ratio"], getattr(runner, "model_tile", None))
     path = str(Path(src).resolve()) if Path(str(src)).exists() else str(src)
     return Plan(str(src), path, out, grid, use, net, runner, model_ref, str(card) if card else None, layout, opts,

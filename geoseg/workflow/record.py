@@ -27,6 +27,7 @@ def run_record(plan: Plan, counts: Counts, vec: dict[str, Any], timings: dict[st
             "block_size": layout.block, "blend": blend if isinstance(blend, str) else repr(blend),
             "margin": plan.opts.resolved_margin, "batch_size": plan.opts.batch_size, "device": plan.net.device,
             "engine": plan.engine, "precision": getattr(plan.net, "precision", "fp32"),
+            "runtime": runtime_of(plan.net),
             "streams": plan.net.streams, "threads_per_stream": plan.net.threads, "bands": plan.bands,
             "confidence": o.confidence,
             "scheduler": c.scheduler if c.scheduler is None or isinstance(c.scheduler, str) else str(c.scheduler),
@@ -60,10 +61,28 @@ def versions() -> dict[str, str]:
 
     v = {"geoseg": __version__, "python": platform.python_version(), "numpy": np.__version__,
          "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__, "dask": dask.__version__}
-    for mod in ("torch", "onnxruntime"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("torch", "onnxruntime"):  # from the metadata: importing torch costs 1.5 s
         try:
-            v[mod] = __import__(mod).__version__
-        except ImportError:  # pragma: no cover - both are dependencies
+            v[dist] = version(dist)
+        except PackageNotFoundError:  # pragma: no cover - both are dependencies
             pass
     v["cpus"] = str(os.cpu_count())
     return v
+
+
+def runtime_of(net: Any) -> dict[str, Any]:
+    """What ran the forward passes: the runtime, and for a checkpoint on ONNX Runtime, its cached export."""
+    from ..models.backends import OnnxBackend
+
+    if isinstance(net, OnnxBackend):
+        out: dict[str, Any] = {"name": "onnxruntime"}
+        if hasattr(net, "checkpoint"):
+            out["export_of"] = str(net.checkpoint)
+            out["export"] = str(net.path)
+        return out
+    out = {"name": "torch"}
+    if getattr(net, "runtime_note", None):
+        out["note"] = net.runtime_note
+    return out
