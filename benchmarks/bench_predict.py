@@ -194,7 +194,7 @@ def efficiency(rounds: int = 2) -> None:
 
 
 def memory() -> None:
-    """(b) Peak RSS of `geoseg predict` on 4k² and 32k² mosaics of a real orthophoto.
+    """(b) Peak RSS of `geoseg predict` on 2k² and 16k² mosaics of a real orthophoto.
 
     "engine": tiles -> blended blocks -> classes.tif COG (``--no-polygons``),
     with seeded random geoseg-n-sem weights. "full": every default output
@@ -206,8 +206,9 @@ def memory() -> None:
 
     runs = [("engine", ["--model", str(yolo_checkpoint()), "--no-polygons"])]
     if "geoseg-landcover-n" in builtin_models():
+        runs.append(("full", ["--model", "geoseg-landcover-n"]))  # default options: the model at its own GSD
         # --gsd off: the map of the 2 cm mosaic at 2 cm, so that polygons are as dense as they get
-        runs.append(("full", ["--model", "geoseg-landcover-n", "--gsd", "off"]))
+        runs.append(("full, --gsd off", ["--model", "geoseg-landcover-n", "--gsd", "off"]))
     rows = []
     for label, extra in runs:
         first = None

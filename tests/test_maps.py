@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +183,37 @@ def test_band_hints_are_only_as_sure_as_the_names(tmp_path, yolo_checkpoint):
     err = band_mismatch("s.tif", [1, 2, 3, 4, 5], ["blue", "green", "red", "nir", "swir16"],
                         ModelCard.load(named))
     assert "--bands 3,2,1" in str(err)
+
+
+def test_coarse_model_gsd_writes_the_scene_in_bounded_pieces(tmp_path, monkeypatch):
+    """At a model GSD 40x coarser than the scene, each block is written in pieces: same map, any piece size."""
+    from geoseg.workflow.stages import scene_piece
+
+    ortho = Path(__file__).resolve().parents[1] / "data" / "scenes" / "field-ortho.tif"  # RGBA, alpha mask
+    whole = geoseg.predict(ortho, tmp_path / "whole", model="geoseg-landcover-n", device="cpu", polygons=False,
+                           confidence=True)
+    monkeypatch.setattr("geoseg.workflow.stages.PIECE", 64)
+    pieces = geoseg.predict(ortho, tmp_path / "pieces", model="geoseg-landcover-n", device="cpu", polygons=False,
+                            confidence=True)
+    run = json.loads((pieces.output / "run.json").read_text())
+    d, block = run["ground_resolution_and_tta"]["decimation"], run["options"]["block_size"]
+    assert d > 1 and scene_piece(block * d) <= 64 < block * d  # really in pieces
+    for name in ("classes.tif", "confidence.tif"):
+        with rasterio.open(whole.output / name) as a, rasterio.open(pieces.output / name) as b:
+            np.testing.assert_array_equal(a.read(1), b.read(1))
+            assert a.overviews(1) == b.overviews(1)
+            np.testing.assert_array_equal(a.read(1, out_shape=(a.height // 4, a.width // 4)),
+                                          b.read(1, out_shape=(b.height // 4, b.width // 4)))
+    assert run["counts"] == json.loads((whole.output / "run.json").read_text())["counts"]
+    with rasterio.open(ortho) as ds:
+        alpha = ds.read(4)
+    with rasterio.open(pieces.output / "classes.tif") as ds:
+        assert ((ds.read(1) == 255) == (alpha == 0)).all()  # the scene's own nodata, at full resolution
+
+
+def test_scene_piece_tiles_the_block():
+    from geoseg.workflow.stages import PIECE, scene_piece
+
+    for side in (143440, 11264, 12288, 5360, 2048, 1000, 4112):
+        p = scene_piece(side)
+        assert side % p == 0 and (p <= PIECE or p == side) and (p % 16 == 0 or p == side)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,14 +65,17 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
     """
     mc, layout, d, source = plan.net.card, plan.layout, plan.decimation, plan.source
     palette = mc.palette()
+    # a block of the decimated grid covers (block * d)² scene pixels: it is written in pieces of at most
+    # PIECE² pixels, so memory does not grow with d (one piece is the writers' block)
+    piece = scene_piece(layout.block * d) if d > 1 else layout.block
     writers = {"classes": BlockWriter(
-        staging / "classes.tif", plan.grid, dtype="uint8", nodata=NODATA, block=layout.block * d,
+        staging / "classes.tif", plan.grid, dtype="uint8", nodata=NODATA, block=piece,
         colormap={i: (*rgb, 255) for i, rgb in enumerate(palette)} | {NODATA: (0, 0, 0, 0)},
         tags=class_tags(list(mc.classes), [hex_color(p) for p in palette]), description="class")}
     if plan.outputs.confidence:
         try:
             writers["confidence"] = BlockWriter(
-                staging / "confidence.tif", plan.grid, dtype="float32", nodata=-1.0, block=layout.block * d,
+                staging / "confidence.tif", plan.grid, dtype="float32", nodata=-1.0, block=piece,
                 description="confidence (max softmax)", resampling="average")
         except BaseException:
             writers["classes"].abort()
@@ -87,12 +90,15 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
             journal.save(ij, blk.classes, blk.confidence)
         journal_s = time.perf_counter() - t0
         rows, cols = layout.block_slices(*ij)
-        if d > 1:
-            rows, cols, blk = _on_scene_grid(plan, source, rows, cols, blk)
         t1 = time.perf_counter()
-        ovr = writers["classes"].write(rows, cols, blk.classes)
-        if blk.confidence is not None:
-            ovr += writers["confidence"].write(rows, cols, blk.confidence)
+        ovr = 0.0
+        pieces = _on_scene_grid(plan, source, rows, cols, blk, piece) if d > 1 else [(rows, cols, blk)]
+        hist = np.zeros_like(blk.histogram)
+        for r, c, part in pieces:
+            ovr += writers["classes"].write(r, c, part.classes)
+            if part.confidence is not None:
+                ovr += writers["confidence"].write(r, c, part.confidence)
+            hist += part.histogram
         t2 = time.perf_counter()
         with lock:
             counts.writes_s["journal"] += journal_s
@@ -100,7 +106,7 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
             counts.writes_s["overviews"] += ovr
             counts.tiles_run += blk.tiles_run
             counts.tiles_skipped += blk.tiles_skipped
-            counts.histogram += blk.histogram
+            counts.histogram += hist
             counts.blocks += 1
             if progress:
                 progress(counts.blocks, total)
@@ -132,26 +138,54 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
     return counts
 
 
-def _on_scene_grid(plan: Plan, source: Any, rows: slice, cols: slice,
-                   blk: BlockOut) -> tuple[slice, slice, BlockOut]:
-    """A block of the decimated working grid as the scene pixels it covers (each cell d x d pixels)."""
+#: The largest side of a piece of the scene's own grid written at once for a decimated block.
+PIECE = 2048
+
+
+def scene_piece(side: int) -> int:
+    """The largest divisor of ``side`` (a multiple of 16) that is a multiple of 16 and at most :data:`PIECE`.
+
+    Pieces then tile every block exactly and start on multiples of their
+    own side, as the class raster's writer and overview pyramid need.
+    """
+    if side % 16 or side <= PIECE:
+        return side
+    units = side // 16
+    best = 1
+    for k in range(1, min(units, PIECE // 16) + 1):
+        if units % k == 0:
+            best = k
+    return 16 * best
+
+
+def _on_scene_grid(plan: Plan, source: Any, rows: slice, cols: slice, blk: BlockOut,
+                   piece: int) -> Iterator[tuple[slice, slice, BlockOut]]:
+    """A block of the decimated working grid as the scene pixels it covers (each cell d x d pixels),
+    in pieces of ``piece`` x ``piece`` scene pixels (``piece`` divides the block's side in scene pixels)."""
     d = plan.decimation
     h, w = plan.grid.shape
-    r = slice(rows.start * d, min(rows.stop * d, h))
-    c = slice(cols.start * d, min(cols.stop * d, w))
-
-    def up(a: np.ndarray) -> np.ndarray:
-        return np.repeat(np.repeat(a, d, axis=0), d, axis=1)[: r.stop - r.start, : c.stop - c.start]
-
-    classes = up(blk.classes)
-    conf = up(blk.confidence) if blk.confidence is not None else None
-    mask = source.native_mask(r, c)
-    if mask is not None:  # the scene's own nodata, at full resolution
-        classes[~mask] = NODATA
-        if conf is not None:
-            conf[~mask] = -1.0
     k = plan.net.card.num_classes
-    return r, c, BlockOut(classes, conf, class_histogram(classes, k), blk.tiles_run, blk.tiles_skipped)
+    r0, r1 = rows.start * d, min(rows.stop * d, h)
+    c0, c1 = cols.start * d, min(cols.stop * d, w)
+    for pr in range(r0, r1, piece):
+        for pc in range(c0, c1, piece):
+            r, c = slice(pr, min(pr + piece, r1)), slice(pc, min(pc + piece, c1))
+            # the working-grid cells under this piece, each repeated d x d and cut to the piece
+            wr = slice((pr - r0) // d, -(-(r.stop - r0) // d))
+            wc = slice((pc - c0) // d, -(-(c.stop - c0) // d))
+            cut = (slice((pr - r0) % d, (pr - r0) % d + r.stop - r.start),
+                   slice((pc - c0) % d, (pc - c0) % d + c.stop - c.start))
+            classes = np.repeat(np.repeat(blk.classes[wr, wc], d, axis=0), d, axis=1)[cut]
+            conf = None if blk.confidence is None else \
+                np.repeat(np.repeat(blk.confidence[wr, wc], d, axis=0), d, axis=1)[cut]
+            mask = source.native_mask(r, c)
+            if mask is not None:  # the scene's own nodata, at full resolution
+                classes[~mask] = NODATA
+                if conf is not None:
+                    conf[~mask] = -1.0
+            first = pr == r0 and pc == c0  # the block's tile counts go with its first piece
+            yield r, c, BlockOut(classes, conf, class_histogram(classes, k), blk.tiles_run if first else 0,
+                                 blk.tiles_skipped if first else 0)
 
 
 def _saved_block(journal: Any, ij: tuple[int, int], plan: Plan) -> BlockOut:
