@@ -37,9 +37,9 @@ def test_checkpoint_runs_on_onnx_runtime_with_torch_logits(yolo_checkpoint, fres
 
 def test_export_is_made_once_and_follows_the_weights(yolo_checkpoint, fresh_cache):
     first = geoseg.load_model(yolo_checkpoint, device="cpu").backend.path
-    stamp = first.stat().st_mtime_ns
+    inode = first.stat().st_ino
     assert geoseg.load_model(yolo_checkpoint, device="cpu").backend.path == first
-    assert first.stat().st_mtime_ns == stamp  # a cache hit: not exported again
+    assert first.stat().st_ino == inode  # a cache hit: not exported again (an export replaces the file)
     # retrained weights at the same path: a new export
     import torch
     from safetensors.torch import load_file, save_file
@@ -124,3 +124,20 @@ def test_numpy_accumulate_matches_torch(monkeypatch):
     accumulate(plain, logits, window, 5, 7)
     np.testing.assert_allclose(plain, with_torch, rtol=1e-6, atol=1e-6)
     assert plain[:, :5].sum() == 4 * 5 * 60  # outside the tile: untouched
+
+
+def test_cache_keeps_the_most_recently_used_exports(tmp_path):
+    import time
+
+    from geoseg.models.onnx_runtime import prune
+
+    files = []
+    for k in range(5):
+        f = tmp_path / f"m-{k}.onnx"
+        f.write_bytes(b"x")
+        os.utime(f, (time.time() - 100 + k, time.time() - 100 + k))
+        files.append(f)
+    os.utime(files[0])  # used just now
+    (tmp_path / "notes.txt").write_text("not an export")
+    prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-0.onnx", "m-4.onnx", "notes.txt"]

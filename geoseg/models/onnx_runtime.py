@@ -11,13 +11,14 @@ on. A GPU keeps torch (the device-resident engine needs the module).
 The cache file is keyed by the checkpoint's content, the card fields that
 shape the graph and this package's version, so a retrained checkpoint or a
 new release exports again, and a cache hit needs no torch at all. It lives
-in ``~/.cache/geoseg/onnx`` (``GEOSEG_CACHE`` overrides the folder); where
-that cannot be written, or the export fails, the checkpoint runs in torch
+in ``~/.cache/geoseg/onnx`` (``GEOSEG_CACHE`` overrides the folder), which
+keeps the 16 most recently used exports; where that cannot be written, or the export fails, the checkpoint runs in torch
 and the reason is kept on the backend (``runtime_note``, shown in run.json).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -28,6 +29,7 @@ from .card import ModelCard
 
 RUNTIMES = ("auto", "torch", "onnx")
 OPSET = 17
+KEEP = 16  #: exports kept in the cache, the most recently used
 
 
 def cache_dir() -> Path:
@@ -102,6 +104,8 @@ def cached_export(weights: Path, card: ModelCard, build: Any) -> Path:
     folder = cache_dir()
     path = folder / f"{card.architecture or 'model'}-{cache_key(weights, card)}.onnx"
     if path.is_file():
+        with contextlib.suppress(OSError):
+            os.utime(path)  # last used now: pruning keeps it
         return path
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
@@ -110,4 +114,18 @@ def cached_export(weights: Path, card: ModelCard, build: Any) -> Path:
         os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
     finally:
         tmp.unlink(missing_ok=True)
+    prune(folder, keep=KEEP)
     return path
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Delete all but the ``keep`` most recently used exports (each training run's checkpoints add one)."""
+    def used(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    for old in sorted(folder.glob("*.onnx"), key=used, reverse=True)[keep:]:
+        with contextlib.suppress(OSError):  # another process may be pruning too
+            old.unlink()
