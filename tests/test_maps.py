@@ -197,7 +197,7 @@ def test_coarse_model_gsd_writes_the_scene_in_bounded_pieces(tmp_path, monkeypat
                             confidence=True)
     run = json.loads((pieces.output / "run.json").read_text())
     d, block = run["ground_resolution_and_tta"]["decimation"], run["options"]["block_size"]
-    assert d > 1 and scene_piece(block * d) <= 64 < block * d  # really in pieces
+    assert d > 1 and scene_piece(block * d)[0] <= 64 < block * d  # really in pieces
     for name in ("classes.tif", "confidence.tif"):
         with rasterio.open(whole.output / name) as a, rasterio.open(pieces.output / name) as b:
             np.testing.assert_array_equal(a.read(1), b.read(1))
@@ -214,6 +214,11 @@ def test_coarse_model_gsd_writes_the_scene_in_bounded_pieces(tmp_path, monkeypat
 def test_scene_piece_tiles_the_block():
     from geoseg.workflow.stages import PIECE, scene_piece
 
-    for side in (143440, 11264, 12288, 5360, 2048, 1000, 4112):
-        p = scene_piece(side)
-        assert side % p == 0 and (p <= PIECE or p == side) and (p % 16 == 0 or p == side)
+    for side in (143440, 11264, 12288, 5360, 2048, 1000, 4112, 16 * 131, 16 * 1031):
+        piece, unit = scene_piece(side)
+        assert piece <= PIECE or piece == side
+        assert piece % unit == 0 and side % unit == 0 and (unit % 16 == 0 or unit == side)
+        if side > PIECE:  # pieces stay large whatever the side's factors
+            assert piece > PIECE // 2
+    assert scene_piece(16384) == (2048, 2048)
+    assert scene_piece(16 * 131) == (2048, 16)

@@ -117,3 +117,33 @@ def test_sigkill_during_inference_and_polygons_then_resume(tmp_path, yolo_checkp
     # the killed run's spill file of polygon pieces was reclaimed by the next run
     assert not list((tmp_path / "tmp").glob(f"geoseg-pieces-{killed}-*"))
     assert not (tmp_path / ".b.geoseg-partial").exists()
+
+
+def test_a_block_counts_as_done_only_once_all_its_files_are_saved(tmp_path, monkeypatch):
+    """A kill between a block's confidence and classes files leaves it to be computed again."""
+    from geoseg.io.staging import Journal
+
+    journal = Journal(tmp_path)
+    journal.start({"input": "x"})
+    classes = np.ones((4, 4), np.uint8)
+    confidence = np.full((4, 4), 0.5, np.float32)
+    journal.save((0, 0), classes, confidence)
+
+    real_replace = os.replace
+    written: list[str] = []
+
+    def killed_after_first_file(src, dst):  # type: ignore[no-untyped-def]
+        if written:
+            raise KeyboardInterrupt("killed")
+        written.append(str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        journal.save((0, 1), classes, confidence)
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    assert journal.done() == frozenset({(0, 0)})
+    for ij in journal.done():  # every block that counts as done loads in full
+        assert (journal.load(ij) == classes).all()
+        assert (journal.load(ij, "confidence") == confidence).all()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import geoseg
-from geoseg.errors import ModelCardError
+from geoseg.errors import ConfigError, ModelCardError
 from geoseg.models.backends import OnnxBackend, TorchBackend
 from geoseg.models.onnx_runtime import cache_dir
 
@@ -78,7 +78,7 @@ def test_unwritable_cache_falls_back_to_torch_or_fails_when_onnx_is_asked(yolo_c
     net = geoseg.load_model(yolo_checkpoint, device="cpu").backend
     assert isinstance(net, TorchBackend)
     assert "no ONNX export" in net.runtime_note and "ran in torch" in net.runtime_note
-    with pytest.raises(ModelCardError, match="--runtime torch"):
+    with pytest.raises(ConfigError, match="--runtime torch"):
         geoseg.load_model(yolo_checkpoint, device="cpu", runtime="onnx")
 
 
@@ -139,5 +139,36 @@ def test_cache_keeps_the_most_recently_used_exports(tmp_path):
         files.append(f)
     os.utime(files[0])  # used just now
     (tmp_path / "notes.txt").write_text("not an export")
+    stale, live = tmp_path / ".m-9.onnx.abc.tmp", tmp_path / ".m-8.onnx.def.tmp"  # partial exports
+    for f in (stale, live):
+        f.write_bytes(b"x")
+    os.utime(stale, (time.time() - 2 * 3600, time.time() - 2 * 3600))  # left by a killed process
     prune(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-0.onnx", "m-4.onnx", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m-8.onnx.def.tmp", "m-0.onnx", "m-4.onnx", "notes.txt"]
+
+
+def test_threads_loading_one_checkpoint_share_one_export(yolo_checkpoint, fresh_cache):
+    """Worker threads that load the same checkpoint at once all get ONNX Runtime over one export."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from geoseg.models import loading
+
+    spec = loading.ModelSpec(str(yolo_checkpoint), device="cpu")
+    with ThreadPoolExecutor(4) as pool:
+        direct = list(pool.map(lambda _: spec.load(), range(3)))  # each thread its own load
+    loading._PROCESS_CACHE.pop(spec, None)
+    with ThreadPoolExecutor(4) as pool:
+        shared = list(pool.map(lambda _: loading.cached_model(spec), range(4)))
+    loading._PROCESS_CACHE.pop(spec, None)
+    assert all(isinstance(b, OnnxBackend) for b in direct + shared)
+    assert len({b.path for b in direct + shared}) == 1
+    assert len({id(b) for b in shared}) == 1  # one model per process and spec
+    assert [p.name for p in fresh_cache.iterdir()] == [direct[0].path.name]  # no partial file left
+
+
+def test_a_broken_cached_export_is_made_again(yolo_checkpoint, fresh_cache):
+    path = geoseg.load_model(yolo_checkpoint, device="cpu").backend.path
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 3])  # truncated (a full disk, say)
+    again = geoseg.load_model(yolo_checkpoint, device="cpu").backend
+    assert isinstance(again, OnnxBackend) and again.path == path and path.read_bytes() == whole

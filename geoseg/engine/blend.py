@@ -118,7 +118,8 @@ def accumulate(acc: np.ndarray, logits: np.ndarray, window: np.ndarray, row: int
     """
     k, t, _ = logits.shape
     torch = sys.modules.get("torch")
-    if torch is not None:
+    # torch is used only once loaded in full: another thread may be importing it right now
+    if torch is not None and not getattr(getattr(torch, "__spec__", None), "_initializing", False):
         region = torch.from_numpy(acc[:, row : row + t, col : col + t])
         w = torch.from_numpy(window)
         region[:k].addcmul_(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), w)

@@ -68,8 +68,10 @@ class Staging:
 class Journal:
     """Finished blocks of a run, kept durably in the staging folder so a killed run can resume.
 
-    Each block's classes (and confidence) go to ``blocks/<i>-<j>.npy`` under a
-    temporary name first, so a block file exists only once it is complete.
+    Each block's confidence (if any) and then its classes go to
+    ``blocks/<i>-<j>.<kind>.npy`` under a temporary name first, so a block file
+    exists only once it is complete, and a block counts as done only once its
+    classes file (the last one written) exists.
     ``state.json`` holds the run's fingerprint (input, model and options):
     a run resumes only with the same fingerprint.
     """
@@ -110,7 +112,9 @@ class Journal:
     def save(self, ij: tuple[int, int], classes, confidence=None) -> None:  # type: ignore[no-untyped-def]
         import numpy as np
 
-        for kind, arr in (("classes", classes), ("confidence", confidence)):
+        # classes last: its file marks the block complete (see done()), so a kill
+        # between the two files leaves a block that is simply computed again
+        for kind, arr in (("confidence", confidence), ("classes", classes)):
             if arr is None:
                 continue
             final = self.dir / f"{ij[0]}-{ij[1]}.{kind}.npy"

@@ -31,14 +31,19 @@ from .card import ModelCard
 
 
 def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; validates ``cuda:N``."""
-    import torch
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; validates ``cuda:N``.
+
+    Imports torch only where a GPU may be asked for and an NVIDIA driver is loaded.
+    """
+    from .onnx_runtime import gpu_visible
 
     d = (device or "auto").lower()
-    if d == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if d == "cpu":
         return d
+    if d == "auto":
+        return "cuda" if gpu_visible() else "cpu"
+    import torch
+
     if d == "cuda" or d.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise DeviceError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")

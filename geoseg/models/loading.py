@@ -7,12 +7,13 @@ registry, so a checkpoint cannot execute code.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, GeosegError, ModelCardError, ModelNotFoundError
+from ..errors import ConfigError, DeviceError, GeosegError, ModelCardError, ModelNotFoundError
 from .backends import Backend, OnnxBackend, TorchBackend
 from .card import ModelCard
 from .onnx_runtime import RUNTIMES, cached_export, wants_onnx
@@ -37,12 +38,19 @@ class ModelSpec:
 
 
 _PROCESS_CACHE: dict[ModelSpec, Backend] = {}
+_LOADING: dict[ModelSpec, threading.Lock] = {}
+_LOADING_LOCK = threading.Lock()
 
 
 def cached_model(spec: ModelSpec) -> Backend:
-    """One loaded model per process and spec (used by dask.distributed workers)."""
-    if spec not in _PROCESS_CACHE:
-        _PROCESS_CACHE[spec] = spec.load()
+    """One loaded model per process and spec (used by dask.distributed workers, whose threads share it)."""
+    if spec in _PROCESS_CACHE:
+        return _PROCESS_CACHE[spec]
+    with _LOADING_LOCK:
+        lock = _LOADING.setdefault(spec, threading.Lock())
+    with lock:  # the first thread loads; the others wait for its model instead of loading their own
+        if spec not in _PROCESS_CACHE:
+            _PROCESS_CACHE[spec] = spec.load()
     return _PROCESS_CACHE[spec]
 
 
@@ -157,17 +165,34 @@ def _checkpoint_on_onnx(path: Path, card: ModelCard, *, device: str, streams: in
         raise ModelCardError(
             f"card for {path.name} has no 'architecture'; add e.g. 'architecture: geoseg-n-sem'"
         )
-    try:
-        onnx = cached_export(path, card, lambda: _load_safetensors(path, card, device="cpu", amp=None,
-                                                                    streams=1).module)  # type: ignore[attr-defined]
-    except GeosegError:
-        raise  # the checkpoint does not match its card: the user's to fix, whatever the runtime
-    except Exception as e:  # an unwritable cache, or a module the exporter cannot trace
-        why = f"no ONNX export of {path.name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    def build() -> Any:
+        return _load_safetensors(path, card, device="cpu", amp=None, streams=1).module  # type: ignore[attr-defined]
+
+    # runtime="auto" chose ONNX Runtime because no GPU is visible; "onnx" keeps the device asked for
+    onnx_device = device if required else "cpu"
+    backend: Backend | None = None
+    failure: Exception | None = None
+    for fresh in (False, True):
+        try:
+            onnx = cached_export(path, card, build, fresh=fresh)
+        except GeosegError:
+            raise  # the checkpoint does not match its card: the user's to fix, whatever the runtime
+        except Exception as e:  # an unwritable cache, or a module the exporter cannot trace
+            failure = e
+            break
+        try:
+            backend = OnnxBackend(onnx, card, device=onnx_device, streams=streams)
+            break
+        except DeviceError:
+            raise
+        except ModelCardError as e:  # a cached file ONNX Runtime cannot load (truncated): export it again, once
+            failure = e
+    if backend is None:
+        text = str(failure).splitlines()[0] if failure is not None and str(failure) else ""
+        why = f"no ONNX export of {path.name} ({type(failure).__name__}: {text})"
         if required:
-            raise ModelCardError(f"{why}; run it with --runtime torch") from None
+            raise ConfigError(f"{why}; run it with --runtime torch") from None
         return None, f"{why}; ran in torch"
-    backend = OnnxBackend(onnx, card, device="cpu" if device == "auto" else device, streams=streams)
     backend.checkpoint = path  # type: ignore[attr-defined]
     return backend, None
 

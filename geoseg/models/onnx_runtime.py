@@ -12,8 +12,10 @@ The cache file is keyed by the checkpoint's content, the card fields that
 shape the graph and this package's version, so a retrained checkpoint or a
 new release exports again, and a cache hit needs no torch at all. It lives
 in ``~/.cache/geoseg/onnx`` (``GEOSEG_CACHE`` overrides the folder), which
-keeps the 16 most recently used exports; where that cannot be written, or the export fails, the checkpoint runs in torch
-and the reason is kept on the backend (``runtime_note``, shown in run.json).
+keeps the 16 most recently used exports; where that cannot be written, or
+the export fails, the checkpoint runs in torch and the reason is kept on the
+backend (``runtime_note``, shown in run.json). A cached file that ONNX
+Runtime cannot load (truncated by a full disk, say) is exported again once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import contextlib
 import hashlib
 import os
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,8 @@ from .card import ModelCard
 RUNTIMES = ("auto", "torch", "onnx")
 OPSET = 17
 KEEP = 16  #: exports kept in the cache, the most recently used
+STALE_TMP_S = 3600  #: a partial export this old was left by a killed process
+_EXPORT_LOCK = threading.Lock()  # torch.onnx.export is not thread-safe; one export at a time per process
 
 
 def cache_dir() -> Path:
@@ -67,14 +74,21 @@ def wants_onnx(runtime: str, device: str, precision: str) -> bool:
 
 
 def cache_key(weights: Path, card: ModelCard) -> str:
-    """Content hash of what the exported graph depends on."""
+    """Content hash of what the exported graph depends on (torch's version too: it does the tracing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     from .. import __version__
 
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "none"
     h = hashlib.sha256()
     with open(weights, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
-    h.update(f"|{card.architecture}|{card.num_classes}|{card.in_channels}|{__version__}|{OPSET}".encode())
+    h.update(f"|{card.architecture}|{card.num_classes}|{card.in_channels}|{__version__}|{OPSET}|"
+             f"{torch_version}".encode())
     return h.hexdigest()[:20]
 
 
@@ -95,31 +109,41 @@ def to_onnx(module: Any, in_channels: int, size: int, out: Path, *, opset: int =
     return out
 
 
-def cached_export(weights: Path, card: ModelCard, build: Any) -> Path:
+def cached_export(weights: Path, card: ModelCard, build: Any, *, fresh: bool = False) -> Path:
     """The cached ONNX graph of checkpoint ``weights``; ``build()`` gives its torch module on a miss.
 
-    Raises OSError where the cache cannot be written, and whatever the
-    exporter raises for a module it cannot trace.
+    ``fresh=True`` replaces a cached file (one that ONNX Runtime could not
+    load). Threads of one process export one at a time and a second one finds
+    the first one's file; processes write under unique temporary names and
+    rename, so each sees a whole file or none. Raises OSError where the cache
+    cannot be written, and whatever the exporter raises for a module it
+    cannot trace.
     """
     folder = cache_dir()
     path = folder / f"{card.architecture or 'model'}-{cache_key(weights, card)}.onnx"
-    if path.is_file():
+    if not fresh and path.is_file():
         with contextlib.suppress(OSError):
             os.utime(path)  # last used now: pruning keeps it
         return path
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        to_onnx(build(), card.in_channels, card.tile_size, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
-    finally:
-        tmp.unlink(missing_ok=True)
-    prune(folder, keep=KEEP)
+    with _EXPORT_LOCK:
+        if not fresh and path.is_file():  # another thread exported it while this one waited
+            return path
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            to_onnx(build(), card.in_channels, card.tile_size, tmp)
+            os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
+        finally:
+            tmp.unlink(missing_ok=True)
+        prune(folder, keep=KEEP)
     return path
 
 
 def prune(folder: Path, keep: int) -> None:
-    """Delete all but the ``keep`` most recently used exports (each training run's checkpoints add one)."""
+    """Delete all but the ``keep`` most recently used exports (each training run's checkpoints add one),
+    and partial exports that killed processes left behind."""
     def used(p: Path) -> float:
         try:
             return p.stat().st_mtime
@@ -129,3 +153,8 @@ def prune(folder: Path, keep: int) -> None:
     for old in sorted(folder.glob("*.onnx"), key=used, reverse=True)[keep:]:
         with contextlib.suppress(OSError):  # another process may be pruning too
             old.unlink()
+    now = time.time()
+    for tmp in folder.glob(".*.tmp"):
+        if now - used(tmp) > STALE_TMP_S:
+            with contextlib.suppress(OSError):
+                tmp.unlink()

@@ -32,6 +32,7 @@ from ..io.styles import write_text_atomic
 from ..io.vector import vector_format
 from ..models.backends import OnnxBackend, available_cores, resolve_device
 from ..models.loading import ModelSpec, cached_model, load_model
+from ..models.onnx_runtime import wants_onnx
 from .plan import check_scheduler, split_options
 from .sources import Scene, absolute, expand_sources, model_file, scene_pixels
 from .stac import Finished, Manifest, now, verified, write_job_outputs
@@ -320,8 +321,7 @@ class Job:
                  card: str | Path | None = None, asset: str | None = None, cluster: Cluster | None = None,
                  **options: Any):
         self.cluster = cluster or Cluster()
-        bad = sorted(set(options) & set(_OWN))
-        if bad:
+        if bad := sorted(set(options) & set(_OWN)):
             raise ConfigError(f"option {bad[0]!r} is set by the batch job itself; leave it out")
         if options.get("zones") is not None:
             options["zones"] = absolute(options["zones"])
@@ -333,7 +333,8 @@ class Job:
         if not self.cluster.scheduler:
             resolve_device(compute.device)  # a missing GPU is refused before a local cluster starts
         # refuses a bad model before any work (and makes the CPU runtime's ONNX export once, for every worker)
-        net = load_model(self.model, card=self.card_path, device="cpu", runtime=compute.runtime)
+        runtime = compute.runtime if wants_onnx(compute.runtime, compute.device, compute.precision) else "torch"
+        net = load_model(self.model, card=self.card_path, device="cpu", runtime=runtime)
         self.card = net.card
         path, fmt = model_file(self.model)
         fmt = "onnx" if isinstance(net, OnnxBackend) and not hasattr(net, "checkpoint") else fmt

@@ -152,6 +152,9 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
                           "assign one with gdal_edit.py -a_srs EPSG:XXXX")
     if outputs.zones is not None:
         _check_zones(Path(outputs.zones), outputs.zone_field)
+    if compute.engine == "device" and compute.runtime == "onnx":
+        raise ConfigError("--engine device runs torch modules on the GPU, --runtime onnx runs ONNX Runtime; "
+                          "drop one of them")
     net = model if isinstance(model, Backend) else load_model(
         model, card=card, device=compute.device, streams=compute.streams, precision=compute.precision,
         runtime="torch" if compute.engine == "device" else compute.runtime)  # the device engine runs modules
@@ -224,6 +227,9 @@ def _engine(compute: Compute, net: Backend) -> str:  # net: the loaded backend (
         return "device" if torch_gpu and local else "blocks"
     if compute.engine == "device":
         if not isinstance(net, TorchBackend):
+            if hasattr(net, "checkpoint"):  # a checkpoint loaded for ONNX Runtime (runtime="auto" on a CPU)
+                raise ConfigError("--engine device needs the checkpoint as a torch module; load it with "
+                                  "runtime='torch' (--runtime torch)")
             raise ConfigError("--engine device needs a torch model (safetensors); ONNX models run with "
                               "--engine blocks")
         if not local:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from typing import Any
 
 import numpy as np
@@ -63,11 +64,19 @@ def versions() -> dict[str, str]:
          "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__, "dask": dask.__version__}
     from importlib.metadata import PackageNotFoundError, version
 
-    for dist in ("torch", "onnxruntime"):  # from the metadata: importing torch costs 1.5 s
-        try:
-            v[dist] = version(dist)
-        except PackageNotFoundError:  # pragma: no cover - both are dependencies
-            pass
+    # a module loaded already tells its own version; otherwise the metadata does (importing torch costs 1.5 s;
+    # ONNX Runtime's GPU build is installed as onnxruntime-gpu)
+    for name, dists in (("torch", ("torch",)), ("onnxruntime", ("onnxruntime", "onnxruntime-gpu"))):
+        loaded = getattr(sys.modules.get(name), "__version__", None)
+        if isinstance(loaded, str):
+            v[name] = loaded
+            continue
+        for dist in dists:
+            try:
+                v[name] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
     v["cpus"] = str(os.cpu_count())
     return v
 

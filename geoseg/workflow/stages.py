@@ -5,6 +5,7 @@ inference (class COG, confidence) -> sieve -> polygons -> stats -> quicklook.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -67,15 +68,15 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
     palette = mc.palette()
     # a block of the decimated grid covers (block * d)² scene pixels: it is written in pieces of at most
     # PIECE² pixels, so memory does not grow with d (one piece is the writers' block)
-    piece = scene_piece(layout.block * d) if d > 1 else layout.block
+    piece, unit = scene_piece(layout.block * d) if d > 1 else (layout.block, layout.block)
     writers = {"classes": BlockWriter(
-        staging / "classes.tif", plan.grid, dtype="uint8", nodata=NODATA, block=piece,
+        staging / "classes.tif", plan.grid, dtype="uint8", nodata=NODATA, block=unit,
         colormap={i: (*rgb, 255) for i, rgb in enumerate(palette)} | {NODATA: (0, 0, 0, 0)},
         tags=class_tags(list(mc.classes), [hex_color(p) for p in palette]), description="class")}
     if plan.outputs.confidence:
         try:
             writers["confidence"] = BlockWriter(
-                staging / "confidence.tif", plan.grid, dtype="float32", nodata=-1.0, block=piece,
+                staging / "confidence.tif", plan.grid, dtype="float32", nodata=-1.0, block=unit,
                 description="confidence (max softmax)", resampling="average")
         except BaseException:
             writers["classes"].abort()
@@ -142,26 +143,27 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
 PIECE = 2048
 
 
-def scene_piece(side: int) -> int:
-    """The largest divisor of ``side`` (a multiple of 16) that is a multiple of 16 and at most :data:`PIECE`.
+def scene_piece(side: int) -> tuple[int, int]:
+    """How a block of ``side`` scene pixels is written: ``(piece, unit)``.
 
-    Pieces then tile every block exactly and start on multiples of their
-    own side, as the class raster's writer and overview pyramid need.
+    Pieces of ``piece`` x ``piece`` pixels (at most :data:`PIECE`, and a
+    multiple of the largest power of two up to 512 that divides ``side``)
+    are cut from the block's corner; the last row and column of pieces are
+    shorter where ``piece`` does not divide ``side``. Every piece then starts
+    on a multiple of ``unit`` (which divides ``piece`` and ``side``), the
+    block size the class raster's writer and overview pyramid are given.
     """
-    if side % 16 or side <= PIECE:
-        return side
-    units = side // 16
-    best = 1
-    for k in range(1, min(units, PIECE // 16) + 1):
-        if units % k == 0:
-            best = k
-    return 16 * best
+    if side <= PIECE or side % 16:
+        return side, side
+    a = math.gcd(side, 512)
+    piece = PIECE // a * a
+    return piece, math.gcd(piece, side)
 
 
 def _on_scene_grid(plan: Plan, source: Any, rows: slice, cols: slice, blk: BlockOut,
                    piece: int) -> Iterator[tuple[slice, slice, BlockOut]]:
     """A block of the decimated working grid as the scene pixels it covers (each cell d x d pixels),
-    in pieces of ``piece`` x ``piece`` scene pixels (``piece`` divides the block's side in scene pixels)."""
+    in pieces of at most ``piece`` x ``piece`` scene pixels cut from the block's corner (:func:`scene_piece`)."""
     d = plan.decimation
     h, w = plan.grid.shape
     k = plan.net.card.num_classes
@@ -183,9 +185,8 @@ def _on_scene_grid(plan: Plan, source: Any, rows: slice, cols: slice, blk: Block
                 classes[~mask] = NODATA
                 if conf is not None:
                     conf[~mask] = -1.0
-            first = pr == r0 and pc == c0  # the block's tile counts go with its first piece
-            yield r, c, BlockOut(classes, conf, class_histogram(classes, k), blk.tiles_run if first else 0,
-                                 blk.tiles_skipped if first else 0)
+            # the block's tile counts are the block's (see sink); a piece carries only its histogram
+            yield r, c, BlockOut(classes, conf, class_histogram(classes, k), 0, 0)
 
 
 def _saved_block(journal: Any, ij: tuple[int, int], plan: Plan) -> BlockOut:
