@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,56 @@ def test_scene_piece_tiles_the_block():
             assert piece > PIECE // 2
     assert scene_piece(16384) == (2048, 2048)
     assert scene_piece(16 * 131) == (2048, 16)
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(1862, 512), (512, 1862), (169, 512), (512, 169), (513, 512), (640, 333)])
+def test_resize_through_onnx_runtime_equals_torch(n_in, n_out):
+    import torch
+    from torch.nn import functional as F
+
+    from geoseg.engine.resize import resize
+
+    x = np.random.default_rng(n_in).standard_normal((2, 3, n_in, n_in + 5)).astype(np.float32)
+    for antialias in (False, True):
+        for size in [(n_out, n_out + 1), (n_out + 7, n_out)]:
+            ours = resize(x, size, antialias=antialias, threads=2)
+            ref = F.interpolate(torch.from_numpy(x), size=size, mode="bilinear", align_corners=False,
+                                antialias=antialias).numpy()
+            np.testing.assert_allclose(ours, ref, atol=1e-3)  # float32 rounding of the coordinates
+
+
+def test_adapters_around_onnx_runtime_stay_in_numpy_and_equal_torch(yolo_checkpoint, tmp_path, monkeypatch):
+    """--gsd and --tta around a model on ONNX Runtime: no torch tensors, the logits torch's wrappers give."""
+    monkeypatch.setenv("GEOSEG_CACHE", str(tmp_path / "cache"))
+    on_ort = geoseg.load_model(yolo_checkpoint, device="cpu").backend
+    on_torch = geoseg.load_model(yolo_checkpoint, device="cpu", runtime="torch").backend
+    rng = np.random.default_rng(5)
+    for ratio in (2.5, 0.6):  # a finer scene (tiles shrunk to the model's) and a coarser one (enlarged)
+        wrapped = [TestTimeAugmented(AtGroundResolution(b, ratio, model_tile=128), "flips") for b in (on_ort, on_torch)]
+        assert wrapped[0].numpy and not wrapped[1].numpy
+        n = wrapped[0].card.tile_size
+        x = rng.standard_normal((2, 3, n, n)).astype(np.float32)
+        a, b = wrapped[0](x), wrapped[1](x)
+        assert a.shape == b.shape == (2, 3, n, n)
+        np.testing.assert_allclose(a, b, atol=2e-3)
+        assert (a.argmax(1) == b.argmax(1)).mean() > 0.99
+
+
+def test_gsd_auto_on_the_cpu_never_imports_torch(tmp_path):
+    """The built-in model at its own GSD on a 2 cm scene: resampling included, no torch in the process."""
+    import subprocess
+    import sys
+
+    ortho = Path(__file__).resolve().parents[1] / "data" / "scenes" / "field-ortho.tif"
+    code = ("import sys, geoseg\n"
+            f"r = geoseg.predict({str(ortho)!r}, {str(tmp_path / 'out')!r}, model='geoseg-landcover-n', "
+            "device='cpu', polygons=False, tta='flips')\n"
+            "import json; run = json.loads((r.output / 'run.json').read_text())\n"
+            "assert run['ground_resolution_and_tta']['ratio'] is not None, run['ground_resolution_and_tta']\n"
+            "print('torch' in sys.modules)\n")
+    env = {**os.environ, "GEOSEG_CACHE": str(tmp_path / "cache")}
+    # the first run exports the checkpoint (torch is needed then); the second one runs from the cache
+    first = code.replace(str(tmp_path / "out"), str(tmp_path / "first"))
+    subprocess.run([sys.executable, "-c", first], check=True, env=env, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "False"

@@ -10,7 +10,9 @@
 
 Both take and give what a backend does: ``__call__`` on float32 numpy
 (B, C, H, W) batches and ``forward_tensor`` on device tensors, so they work
-in every engine, the device-resident one included.
+in every engine, the device-resident one included. Around a model on ONNX
+Runtime they stay in numpy (``forward_numpy``; resizing through ONNX
+Runtime, :mod:`geoseg.engine.resize`), so a CPU run never imports torch.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class _Wrapper:
         self.device = getattr(inner, "device", "cpu")
         self.precision = getattr(inner, "precision", "fp32")
         self.spec = getattr(inner, "spec", None)
+        base = inner
+        while isinstance(base, _Wrapper):
+            base = base.inner
+        # a backend without tensors (ONNX Runtime, a user's numpy model): transforms in numpy too
+        self.numpy = not hasattr(base, "forward_tensor")
 
     @property
     def streams(self) -> int:
@@ -66,6 +73,9 @@ class _Wrapper:
         return getattr(self.inner, "_slots", None) or contextlib.nullcontext()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.numpy:
+            with self._slots:
+                return self.forward_numpy(np.ascontiguousarray(x, dtype=np.float32))
         import torch
 
         with self._slots:
@@ -77,6 +87,14 @@ class _Wrapper:
 
     def forward_tensor(self, x: Any) -> Any:  # pragma: no cover - every wrapper has its own
         raise NotImplementedError
+
+    def forward_numpy(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - every wrapper has its own
+        raise NotImplementedError
+
+    def _inner_numpy(self, x: np.ndarray) -> np.ndarray:
+        if isinstance(self.inner, _Wrapper):
+            return self.inner.forward_numpy(x)
+        return np.asarray(self.inner._forward(np.ascontiguousarray(x)), dtype=np.float32)
 
     def _inner_forward(self, x: Any) -> Any:
         import torch
@@ -111,6 +129,16 @@ class TestTimeAugmented(_Wrapper):
             out = out + y
         return out / len(self.transforms)
 
+    def forward_numpy(self, x: np.ndarray) -> np.ndarray:
+        out: Any = 0
+        for k, flip in self.transforms:
+            xt = np.rot90(x, k, axes=(-2, -1))
+            xt = xt[..., ::-1] if flip else xt
+            y = self._inner_numpy(np.ascontiguousarray(xt))
+            y = y[..., ::-1] if flip else y
+            out = out + np.rot90(y, -k, axes=(-2, -1))
+        return np.asarray(out / len(self.transforms), dtype=np.float32)
+
 
 class AtGroundResolution(_Wrapper):
     """Run ``inner`` on tiles of ``native_tile`` scene pixels resampled to its ``card.tile_size``.
@@ -137,6 +165,15 @@ class AtGroundResolution(_Wrapper):
         xm = F.interpolate(x, size=(m, m), mode="bilinear", align_corners=False, antialias=small)
         y = self._inner_forward(xm)
         return F.interpolate(y, size=(x.shape[-2], n), mode="bilinear", align_corners=False, antialias=not small)
+
+    def forward_numpy(self, x: np.ndarray) -> np.ndarray:
+        from .resize import resize
+
+        n, m = x.shape[-1], self.model_tile
+        small = n > m
+        threads = self.threads or 1
+        y = self._inner_numpy(resize(x, (m, m), antialias=small, threads=threads))
+        return resize(y, (x.shape[-2], n), antialias=not small, threads=threads)
 
 
 def scene_gsd(grid: Any) -> float | None:
