@@ -1,6 +1,6 @@
 """Leave-one-area-out: how well a recipe generalises to Dubai areas it has never seen.
 
-    python recipes/loao.py recipes/dubai-n.yaml --out runs/loao [--epochs 20] [key=value ...]
+    python recipes/loao.py recipes/dubai-n.yaml --out runs/loao [--epochs 20] [--tta d4] [key=value ...]
 
 For each of the six Dubai areas (tile_1, 2, 4, 5, 7, 8) a model is trained
 with the recipe on the other five and evaluated on the left-out one through
@@ -8,7 +8,9 @@ the predict engine (the last checkpoint: no area is used to pick one, so
 nothing leaks). Prints a markdown table of each fold's mIoU, pixel
 accuracy and per-class IoU, their mean, and writes ``loao.json``. Extra
 ``key=value`` arguments override the recipe, as with ``geoseg train``.
-Runs that finished are reused, so an interrupted study continues.
+Runs that finished are reused, so an interrupted study continues, and
+``--tta flips|d4`` evaluates a finished study's models again with test-time
+augmentation (``geoseg val --tta``) without training them again.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ def fold_dataset(area: str, folder: Path) -> Path:
     return path
 
 
-def run_fold(recipe: Path, area: str, out: Path, epochs: int | None, overrides: list[str]) -> dict:
+def run_fold(recipe: Path, area: str, out: Path, epochs: int | None, overrides: list[str],
+             tta: str = "none") -> dict:
     folder = out / area
     folder.mkdir(parents=True, exist_ok=True)
     data = fold_dataset(area, folder)
     weights = folder / "run" / "weights" / "last.safetensors"
-    result = folder / "metrics.json"
+    tag = "" if tta == "none" else f"-tta-{tta}"
+    result = folder / f"metrics{tag}.json"
     if result.exists():
         return json.loads(result.read_text())
     if not weights.exists():
@@ -49,8 +53,9 @@ def run_fold(recipe: Path, area: str, out: Path, epochs: int | None, overrides: 
             args.append(f"train.epochs={epochs}")
         subprocess.run([sys.executable, "-m", "geoseg", "train", str(recipe), *args], check=True)
     subprocess.run([sys.executable, "-m", "geoseg", "val", "--model", str(weights), "--data", str(data),
-                    "--split", "test", "-o", str(folder / "val")], check=True, stdout=subprocess.DEVNULL)
-    metrics = json.loads((folder / "val" / "metrics.json").read_text())
+                    "--split", "test", "--tta", tta, "-o", str(folder / f"val{tag}")], check=True,
+                   stdout=subprocess.DEVNULL)
+    metrics = json.loads((folder / f"val{tag}" / "metrics.json").read_text())
     result.write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -62,10 +67,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/loao"))
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--areas", nargs="+", default=AREAS)
+    ap.add_argument("--tta", choices=["none", "flips", "d4"], default="none",
+                    help="evaluate with test-time augmentation (geoseg val --tta)")
     args = ap.parse_intermixed_args()  # key=value overrides before or after the options
     if not DUBAI.exists():
         sys.exit(f"{DUBAI} is missing: the study needs the shared Dubai data beside the repository")
-    folds = {a: run_fold(args.recipe.resolve(), a, args.out.resolve(), args.epochs, args.overrides)
+    folds = {a: run_fold(args.recipe.resolve(), a, args.out.resolve(), args.epochs, args.overrides, args.tta)
              for a in args.areas}
     names = list(NAMES.values())
     header = "| left out | mIoU | pixel acc. | " + " | ".join(names) + " |"
@@ -80,8 +87,9 @@ def main() -> None:
     lines.append(f"| **mean** | **{mean['miou']:.3f}** | {mean['pixel_accuracy']:.3f} | "
                  + " | ".join(f"{v:.3f}" for v in per_mean) + " |")
     print("\n".join(lines))
-    (args.out / "loao.json").write_text(json.dumps({"folds": folds, "mean": mean,
-                                                    "class_mean": dict(zip(names, per_mean))}, indent=2))
+    summary = args.out / ("loao.json" if args.tta == "none" else f"loao-tta-{args.tta}.json")
+    summary.write_text(json.dumps({"folds": folds, "mean": mean, "class_mean": dict(zip(names, per_mean))},
+                                  indent=2))
 
 
 if __name__ == "__main__":

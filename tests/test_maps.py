@@ -276,3 +276,36 @@ def test_gsd_auto_on_the_cpu_never_imports_torch(tmp_path):
     subprocess.run([sys.executable, "-c", first], check=True, env=env, capture_output=True)
     done = subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "False"
+
+
+def test_evaluation_with_tta_scores_the_augmented_maps(cnn_model, tmp_path):
+    """`geoseg val --tta`: the confusion matrix of the maps predict would write with the same --tta."""
+    import yaml
+
+    from geoseg.engine.blocks import predict_array
+    from geoseg.engine.options import Tiling, resolve
+    from geoseg.train.data import load_dataset_spec
+    from geoseg.train.evaluate import evaluate_dataset
+    from geoseg.train.metrics import ConfusionMatrix
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    images = [smooth_image((3, 90, 110), seed=s) for s in (1, 2)]
+    for k, img in enumerate(images):
+        write_raster(tmp_path / "images" / f"a{k}.tif", img)
+        with rasterio.open(tmp_path / "masks" / f"a{k}.png", "w", driver="PNG", width=110, height=90, count=1,
+                           dtype="uint8") as ds:
+            ds.write((img[0] // 64).astype(np.uint8), 1)
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({"path": ".", "val": "images", "names": ["a", "b", "c", "d"]}))
+    spec = load_dataset_spec(tmp_path / "d.yaml")
+    backend = cnn_model.backend
+    matrices = []
+    for tta in ("none", "flips"):
+        runner = backend if tta == "none" else TestTimeAugmented(backend, tta)
+        ref = ConfusionMatrix(4)
+        for k, img in enumerate(images):
+            _, opts = resolve(backend.card, img.shape[1:], Tiling(None, None, "hann", None), batch_size=4)
+            ref.update(predict_array(img, runner, opts).classes, (img[0] // 64).astype(np.uint8))
+        np.testing.assert_array_equal(evaluate_dataset(cnn_model, spec, "val", tta=tta).matrix, ref.matrix)
+        matrices.append(ref.matrix)
+    assert (matrices[0] != matrices[1]).any()  # the augmented maps differ: the option is not a no-op

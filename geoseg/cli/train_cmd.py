@@ -48,13 +48,15 @@ def _from_cwd(override: str) -> str:
               "[default: ids, or values matched to class names].")
 @click.option("--tile-size", type=int)
 @click.option("--overlap", type=int)
+@click.option("--tta", default="none", show_default=True, type=click.Choice(["none", "flips", "d4"]),
+              help="Test-time augmentation, as predict's: logits averaged over flips or all 8 dihedral transforms.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Write metrics.json, confusion.csv and confusion.png here.")
 @one_line_errors
 def val(model: str, card: Path | None, data: Path | None, split: str, scene: Path | None,
         reference: Path | None, class_field: str | None, label_map: str | None, tile_size: int | None,
-        overlap: int | None, device: str, output: Path | None) -> None:
+        overlap: int | None, tta: str, device: str, output: Path | None) -> None:
     """Per-class IoU, mIoU and pixel accuracy, measured through the predict engine."""
     from rich.console import Console
     from rich.table import Table
@@ -75,9 +77,9 @@ def val(model: str, card: Path | None, data: Path | None, split: str, scene: Pat
                 k, v = pair.split("=", 1)
                 mapping[k.strip()] = v.strip()
         cm = evaluate_scene(net, scene, reference, class_field=class_field, label_mapping=mapping,
-                            tile=tile_size, overlap=overlap)
+                            tile=tile_size, overlap=overlap, tta=tta)
     elif data is not None:
-        cm = evaluate_dataset(net, load_dataset_spec(data), split, tile=tile_size, overlap=overlap)
+        cm = evaluate_dataset(net, load_dataset_spec(data), split, tile=tile_size, overlap=overlap, tta=tta)
     else:
         raise ConfigError("nothing to evaluate; give --data D.yaml (with --split) or --scene S.tif --reference R")
     summary = cm.summary(names)

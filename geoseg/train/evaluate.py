@@ -28,10 +28,10 @@ from .metrics import IGNORE, ConfusionMatrix
 
 def evaluate_dataset(model: Any, spec: DatasetSpec, split: str = "val", *, tile: int | None = None,
                      overlap: int | None = None, blend: Any = "hann", margin: int | None = None,
-                     batch_size: int = 4,
+                     batch_size: int = 4, tta: str = "none",
                      progress: Callable[[int, int], None] | None = None) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` over an image/mask split (tiling options as predict's)."""
-    model = as_runnable(model)
+    """Confusion matrix of ``model`` over an image/mask split (tiling options and ``tta`` as predict's)."""
+    model = _with_tta(as_runnable(model), tta)
     tiling = Tiling(tile, overlap, blend, margin)
     if spec.kind != "masks":
         return _evaluate_geo(model, spec, split, tiling=tiling, batch_size=batch_size)
@@ -51,6 +51,12 @@ def evaluate_dataset(model: Any, spec: DatasetSpec, split: str = "val", *, tile:
     return cm
 
 
+def _with_tta(model: Any, tta: str) -> Any:
+    from ..engine.adapters import TestTimeAugmented
+
+    return model if tta == "none" or isinstance(model, TestTimeAugmented) else TestTimeAugmented(model, tta)
+
+
 def _evaluate_geo(model: Any, spec: DatasetSpec, split: str, *, tiling: Tiling,
                   batch_size: int) -> ConfusionMatrix:
     cm = ConfusionMatrix(spec.num_classes)
@@ -64,15 +70,16 @@ def _evaluate_geo(model: Any, spec: DatasetSpec, split: str, *, tiling: Tiling,
 def evaluate_scene(model: Any, scene: str | Path, reference: str | Path | None, *,
                    class_field: str | None = None, label_mapping: dict[Any, Any] | None = None,
                    tile: int | None = None, overlap: int | None = None, blend: Any = "hann",
-                   margin: int | None = None, batch_size: int = 4,
+                   margin: int | None = None, batch_size: int = 4, tta: str = "none",
                    scheduler: Any = "threads") -> ConfusionMatrix:
     """Stream a confusion matrix over a whole raster; memory bounded by the block size.
 
     ``reference`` is a label raster on the same grid (class ids, 255 ignored)
     or vector labels (GPKG/GeoJSON) with ``class_field``, rasterized per
-    block in the scene's CRS; unlabelled pixels are ignored.
+    block in the scene's CRS; unlabelled pixels are ignored. ``tta`` as
+    predict's ``--tta``.
     """
-    model = as_runnable(model)
+    model = _with_tta(as_runnable(model), tta)
     if reference is None:
         raise ConfigError("scene evaluation needs reference labels; pass --reference labels.tif or labels.gpkg")
     ref = Path(reference)
