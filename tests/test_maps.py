@@ -303,7 +303,7 @@ def test_evaluation_with_tta_scores_the_augmented_maps(cnn_model, tmp_path):
     for tta in ("none", "flips"):
         runner = backend if tta == "none" else TestTimeAugmented(backend, tta)
         ref = ConfusionMatrix(4)
-        for k, img in enumerate(images):
+        for img in images:
             _, opts = resolve(backend.card, img.shape[1:], Tiling(None, None, "hann", None), batch_size=4)
             ref.update(predict_array(img, runner, opts).classes, (img[0] // 64).astype(np.uint8))
         np.testing.assert_array_equal(evaluate_dataset(cnn_model, spec, "val", tta=tta).matrix, ref.matrix)

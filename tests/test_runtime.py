@@ -168,6 +168,9 @@ def test_threads_loading_one_checkpoint_share_one_export(yolo_checkpoint, fresh_
 
 def test_a_broken_cached_export_is_made_again(yolo_checkpoint, fresh_cache):
     path = geoseg.load_model(yolo_checkpoint, device="cpu").backend.path
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by whoever shares the cache, as usual
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 3])  # truncated (a full disk, say)
     again = geoseg.load_model(yolo_checkpoint, device="cpu").backend

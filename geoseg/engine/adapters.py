@@ -167,11 +167,12 @@ class AtGroundResolution(_Wrapper):
         return F.interpolate(y, size=(x.shape[-2], n), mode="bilinear", align_corners=False, antialias=not small)
 
     def forward_numpy(self, x: np.ndarray) -> np.ndarray:
+        from ..models.backends import available_cores
         from .resize import resize
 
         n, m = x.shape[-1], self.model_tile
         small = n > m
-        threads = self.threads or 1
+        threads = self.threads or available_cores()  # 0: the model is on a GPU; the resizing is not
         y = self._inner_numpy(resize(x, (m, m), antialias=small, threads=threads))
         return resize(y, (x.shape[-2], n), antialias=not small, threads=threads)
 

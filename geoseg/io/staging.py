@@ -76,6 +76,9 @@ class Journal:
     a run resumes only with the same fingerprint.
     """
 
+    #: changes when what a finished block leaves on disk changes: an older journal is not resumed
+    FORMAT = 2
+
     def __init__(self, staging_dir: Path):
         self.dir = staging_dir / "blocks"
         self.state = staging_dir / "state.json"

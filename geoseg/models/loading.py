@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DeviceError, GeosegError, ModelCardError, ModelNotFoundError
-from .backends import Backend, OnnxBackend, TorchBackend
+from .backends import Backend, OnnxBackend, TorchBackend, resolve_device
 from .card import ModelCard
 from .onnx_runtime import RUNTIMES, cached_export, wants_onnx
 
@@ -169,7 +169,7 @@ def _checkpoint_on_onnx(path: Path, card: ModelCard, *, device: str, streams: in
         return _load_safetensors(path, card, device="cpu", amp=None, streams=1).module  # type: ignore[attr-defined]
 
     # runtime="auto" chose ONNX Runtime because no GPU is visible; "onnx" keeps the device asked for
-    onnx_device = device if required else "cpu"
+    onnx_device = resolve_device(device) if required else "cpu"
     backend: Backend | None = None
     failure: Exception | None = None
     for fresh in (False, True):
@@ -185,8 +185,11 @@ def _checkpoint_on_onnx(path: Path, card: ModelCard, *, device: str, streams: in
             break
         except DeviceError:
             raise
-        except ModelCardError as e:  # a cached file ONNX Runtime cannot load (truncated): export it again, once
+        except ModelCardError as e:
             failure = e
+            if fresh or _intact(onnx):  # ONNX Runtime refuses a whole file: exporting it again will not help
+                break
+            # a cached file cut short (a full disk, say): export it again, once
     if backend is None:
         text = str(failure).splitlines()[0] if failure is not None and str(failure) else ""
         why = f"no ONNX export of {path.name} ({type(failure).__name__}: {text})"
@@ -195,6 +198,17 @@ def _checkpoint_on_onnx(path: Path, card: ModelCard, *, device: str, streams: in
         return None, f"{why}; ran in torch"
     backend.checkpoint = path  # type: ignore[attr-defined]
     return backend, None
+
+
+def _intact(path: Path) -> bool:
+    """Whether ``path`` parses as an ONNX model (a truncated or corrupt file does not)."""
+    import onnx
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError, or an unreadable file
+        return False
+    return True
 
 
 def _load_safetensors(path: Path, card: ModelCard, *, device: str, amp: bool | None,

@@ -9,7 +9,7 @@ graph ``geoseg export`` writes — cached, and run by ONNX Runtime from then
 on. A GPU keeps torch (the device-resident engine needs the module).
 
 The cache file is keyed by the checkpoint's content, the card fields that
-shape the graph and this package's version, so a retrained checkpoint or a
+shape the graph and this package's and torch's versions, so a retrained checkpoint or a
 new release exports again, and a cache hit needs no torch at all. It lives
 in ``~/.cache/geoseg/onnx`` (``GEOSEG_CACHE`` overrides the folder), which
 keeps the 16 most recently used exports; where that cannot be written, or
@@ -24,9 +24,9 @@ import contextlib
 import hashlib
 import os
 import sys
-import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,9 @@ def cache_dir() -> Path:
 
 
 def gpu_visible() -> bool:
-    """Whether torch would see a CUDA GPU, without importing torch where no NVIDIA driver is loaded."""
-    if "torch" not in sys.modules and not (os.path.exists("/proc/driver/nvidia/version")
-                                           or os.path.exists("/dev/nvidiactl")):
+    """Whether torch would see a CUDA GPU, without importing torch where no GPU driver is loaded."""
+    drivers = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")  # NVIDIA, WSL2, ROCm
+    if "torch" not in sys.modules and not any(os.path.exists(p) for p in drivers):
         return False
     import torch
 
@@ -129,9 +129,8 @@ def cached_export(weights: Path, card: ModelCard, build: Any, *, fresh: bool = F
         if not fresh and path.is_file():  # another thread exported it while this one waited
             return path
         folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(name)
+        # a name no other thread or process uses; the exporter creates it with the usual permissions
+        tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             to_onnx(build(), card.in_channels, card.tile_size, tmp)
             os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none

@@ -20,11 +20,11 @@ import numpy as np
 from ..engine.options import Compute, Tiling
 from ..errors import ConfigError, PartialRunError
 from ..io.raster import bounded_gdal_cache
-from ..io.staging import Staging
+from ..io.staging import Journal, Staging
 from ..io.styles import write_text_atomic
 from . import stages
 from .plan import ALL_OUTPUTS, Outputs, Plan, make_plan, split_options
-from .record import run_record
+from .record import run_record, runtime_of
 
 
 @dataclass
@@ -137,7 +137,8 @@ def fingerprint(plan: Plan) -> dict[str, Any]:
             "blend": o.blend if isinstance(o.blend, str) else repr(o.blend), "margin": o.resolved_margin,
             "batch_size": o.batch_size, "engine": plan.engine, "device": plan.net.device,
             "confidence": plan.outputs.confidence, "min_area": plan.outputs.min_area,
-            "tta": plan.adapted["tta"], "gsd_ratio": plan.adapted["ratio"]}
+            "tta": plan.adapted["tta"], "gsd_ratio": plan.adapted["ratio"],
+            "runtime": runtime_of(plan.net)["name"], "journal": Journal.FORMAT}
 
 
 def _open_staging(plan: Plan, resume: bool | None) -> Staging:

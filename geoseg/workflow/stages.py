@@ -67,7 +67,7 @@ def inference(plan: Plan, staging: Path, progress: Callable[[int, int], None] | 
     mc, layout, d, source = plan.net.card, plan.layout, plan.decimation, plan.source
     palette = mc.palette()
     # a block of the decimated grid covers (block * d)² scene pixels: it is written in pieces of at most
-    # PIECE² pixels, so memory does not grow with d (one piece is the writers' block)
+    # PIECE² pixels, so memory does not grow with d (pieces start on multiples of unit, the writers' block)
     piece, unit = scene_piece(layout.block * d) if d > 1 else (layout.block, layout.block)
     writers = {"classes": BlockWriter(
         staging / "classes.tif", plan.grid, dtype="uint8", nodata=NODATA, block=unit,
@@ -155,7 +155,7 @@ def scene_piece(side: int) -> tuple[int, int]:
     """
     if side <= PIECE or side % 16:
         return side, side
-    a = math.gcd(side, 512)
+    a = math.gcd(side, 512, PIECE)
     piece = PIECE // a * a
     return piece, math.gcd(piece, side)
 
