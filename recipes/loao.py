@@ -8,7 +8,15 @@ the predict engine (the last checkpoint: no area is used to pick one, so
 nothing leaks). Prints a markdown table of each fold's mIoU, pixel
 accuracy and per-class IoU, their mean, and writes ``loao.json``. Extra
 ``key=value`` arguments override the recipe, as with ``geoseg train``.
-Runs that finished are reused, so an interrupted study continues, and
+With ``--scale-norm`` every area is first resampled to a common scale:
+the Dubai images carry no ground resolution, so each area's is estimated
+from the median side of its buildings in the masks (the square root of the
+median building area, in pixels), and each area is resampled by
+``REFERENCE_BUILDING / side`` (within 0.5-2), for training and, as
+``predict --gsd`` would run a georeferenced scene, for evaluation. The
+left-out area's factor comes from its own masks: a stand-in for the ground
+resolution a georeferenced scene carries, so such a study measures the model
+with the scale known. Runs that finished are reused, so an interrupted study continues, and
 ``--tta flips|d4`` evaluates a finished study's models again with test-time
 augmentation (``geoseg val --tta``) without training them again.
 """
@@ -28,20 +36,44 @@ DUBAI = Path(__file__).resolve().parents[2] / "shared" / "data" / "dubai"
 NAMES = {0: "building", 1: "land", 2: "road", 3: "vegetation", 4: "water"}
 
 
-def fold_dataset(area: str, folder: Path) -> Path:
+REFERENCE_BUILDING = 40.0  # px: about the median over the six areas (22 to 81 px)
+
+
+def area_scales() -> dict[str, float]:
+    """Per-area resampling factors that bring the median building side to REFERENCE_BUILDING pixels."""
+    import numpy as np
+    import rasterio.features
+    from shapely.geometry import shape
+
+    from geoseg.train.data import read_image
+
+    out = {}
+    for area in AREAS:
+        areas: list[float] = []
+        for mask_file in sorted((DUBAI / "masks").glob(f"{area}_*.png")):
+            building = (read_image(mask_file)[0] == 0).astype(np.uint8)
+            for geom, _ in rasterio.features.shapes(building, mask=building > 0, connectivity=4):
+                if (a := shape(geom).area) >= 20:  # a building, not a stray pixel of the mask
+                    areas.append(a)
+        side = float(np.sqrt(np.median(areas)))
+        out[f"{area}_*"] = round(min(2.0, max(0.5, REFERENCE_BUILDING / side)), 3)
+    return out
+
+
+def fold_dataset(area: str, folder: Path, scales: dict[str, float] | None = None) -> Path:
     spec = {"path": str(DUBAI), "train": [f"images/{a}_*.jpg" for a in AREAS if a != area],
             "test": f"images/{area}_*.jpg", "masks_dir": "masks", "names": NAMES, "label_mapping": {5: 255},
-            "channels": 3}
+            "channels": 3, **({"scales": scales} if scales else {})}
     path = folder / f"without-{area}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
 def run_fold(recipe: Path, area: str, out: Path, epochs: int | None, overrides: list[str],
-             tta: str = "none") -> dict:
+             tta: str = "none", scales: dict[str, float] | None = None) -> dict:
     folder = out / area
     folder.mkdir(parents=True, exist_ok=True)
-    data = fold_dataset(area, folder)
+    data = fold_dataset(area, folder, scales)
     weights = folder / "run" / "weights" / "last.safetensors"
     tag = "" if tta == "none" else f"-tta-{tta}"
     result = folder / f"metrics{tag}.json"
@@ -67,13 +99,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/loao"))
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--areas", nargs="+", default=AREAS)
+    ap.add_argument("--scale-norm", action="store_true",
+                    help="resample each area to a common scale, estimated from its building sizes")
     ap.add_argument("--tta", choices=["none", "flips", "d4"], default="none",
                     help="evaluate with test-time augmentation (geoseg val --tta)")
     args = ap.parse_intermixed_args()  # key=value overrides before or after the options
     if not DUBAI.exists():
         sys.exit(f"{DUBAI} is missing: the study needs the shared Dubai data beside the repository")
-    folds = {a: run_fold(args.recipe.resolve(), a, args.out.resolve(), args.epochs, args.overrides, args.tta)
-             for a in args.areas}
+    scales = None
+    if args.scale_norm:
+        scales = area_scales()
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "scales.json").write_text(json.dumps(scales, indent=2))
+        print("resampling factors:", scales)
+    folds = {a: run_fold(args.recipe.resolve(), a, args.out.resolve(), args.epochs, args.overrides, args.tta,
+                         scales) for a in args.areas}
     names = list(NAMES.values())
     header = "| left out | mIoU | pixel acc. | " + " | ".join(names) + " |"
     lines = [header, "|" + "---|" * (3 + len(names))]

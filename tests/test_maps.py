@@ -309,3 +309,41 @@ def test_evaluation_with_tta_scores_the_augmented_maps(cnn_model, tmp_path):
         np.testing.assert_array_equal(evaluate_dataset(cnn_model, spec, "val", tta=tta).matrix, ref.matrix)
         matrices.append(ref.matrix)
     assert (matrices[0] != matrices[1]).any()  # the augmented maps differ: the option is not a no-op
+
+
+def test_dataset_scales_resample_for_training_and_evaluate_as_gsd_does(cnn_model, tmp_path):
+    """`scales` in a dataset YAML: images resampled for training, evaluated as `predict --gsd` runs them."""
+    import yaml
+
+    from geoseg.engine.blocks import predict_array
+    from geoseg.engine.options import Tiling, resolve
+    from geoseg.errors import ConfigError
+    from geoseg.train.data import MaskDataset, load_dataset_spec
+    from geoseg.train.evaluate import evaluate_dataset
+    from geoseg.train.metrics import ConfusionMatrix
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    img = smooth_image((3, 90, 110), seed=4)
+    mask = (img[0] // 64).astype(np.uint8)
+    write_raster(tmp_path / "images" / "a0.tif", img)
+    with rasterio.open(tmp_path / "masks" / "a0.png", "w", driver="PNG", width=110, height=90, count=1,
+                       dtype="uint8") as ds:
+        ds.write(mask, 1)
+    spec = {"path": ".", "val": "images", "names": ["a", "b", "c", "d"], "scales": {"a*": 2.0}}
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(spec))
+    data = load_dataset_spec(tmp_path / "d.yaml")
+    big, big_mask = MaskDataset(data, "val").items[0]
+    assert big.shape == (3, 180, 220) and big.dtype == np.uint8
+    np.testing.assert_array_equal(big_mask, np.repeat(np.repeat(mask, 2, 0), 2, 1))  # nearest, exactly
+
+    backend = cnn_model.backend
+    runner = AtGroundResolution(backend, 0.5, model_tile=backend.card.tile_size)  # the image is 2x coarser
+    _, opts = resolve(runner.card, img.shape[1:], Tiling(tile=runner.native_tile), batch_size=4)
+    ref = ConfusionMatrix(4)
+    ref.update(predict_array(img, runner, opts).classes, mask)
+    np.testing.assert_array_equal(evaluate_dataset(cnn_model, data, "val").matrix, ref.matrix)
+
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, "scales": {"a*": 0}}))
+    with pytest.raises(ConfigError, match="scales"):
+        load_dataset_spec(tmp_path / "bad.yaml")

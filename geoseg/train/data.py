@@ -10,8 +10,14 @@ Image/mask layout (Ultralytics / Roboflow export)::
     names: {0: building, 1: land}
     label_mapping: {5: 255}       # optional: source id -> train id (255 = ignore)
     channels: 3                   # optional
+    scales: {"tile_4_*": 0.5}     # optional: image name pattern -> resampling factor
 
 Masks are single-channel class ids; 255 is ignored by losses and metrics.
+``scales`` brings images of different ground resolutions to a common one
+where they carry no georeference: an image matching a pattern is resampled
+by its factor (> 1 enlarges) for training, and evaluated as ``predict
+--gsd`` would run it at that resolution (tiles resampled, the map on the
+image's own grid).
 
 Georeferenced layout (``type: geo``)::
 
@@ -62,10 +68,17 @@ class DatasetSpec:
     class_field: str | None = None
     window: int = 256
     samples_per_epoch: int = 64
+    scales: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.names)
+
+    def scale_of(self, image: Path) -> float:
+        """The resampling factor ``scales`` gives ``image`` (the first matching pattern; 1 for none)."""
+        import fnmatch
+
+        return next((f for pat, f in self.scales.items() if fnmatch.fnmatch(image.name, pat)), 1.0)
 
 
 def load_dataset_spec(path: str | Path) -> DatasetSpec:
@@ -93,7 +106,10 @@ def load_dataset_spec(path: str | Path) -> DatasetSpec:
         label_mapping=dict(d.get("label_mapping") or {}), channels=d.get("channels"), kind=kind,
         labels=(root / d["labels"]) if d.get("labels") else None, class_field=d.get("class_field"),
         window=int(d.get("window", 256)), samples_per_epoch=int(d.get("samples_per_epoch", 64)),
+        scales={str(k): float(v) for k, v in (d.get("scales") or {}).items()},
     )
+    if any(not 0.1 <= f <= 10 for f in spec.scales.values()):
+        raise ConfigError(f"dataset YAML {p}: 'scales' factors must be in [0.1, 10]")
     if kind == "geo" and (spec.labels is None or spec.class_field is None):
         raise ConfigError(f"dataset YAML {p}: a geo dataset needs 'labels' and 'class_field'")
     return spec
@@ -179,6 +195,7 @@ class MaskDataset:
             m = read_image(mask_path(spec, p))[0]
             if m.shape != img.shape[1:]:
                 raise ConfigError(f"mask of {p.name} is {m.shape}, image is {img.shape[1:]}")
+            img, m = rescale(img, m, spec.scale_of(p))
             self.items.append((img, remap(m, spec.label_mapping)))
         self.weights = np.array([m.size for _, m in self.items], np.float64)
         self.weights /= self.weights.sum()
@@ -200,6 +217,22 @@ class MaskDataset:
         for _, m in self.items:
             counts += np.bincount(m.ravel(), minlength=256)[:k]
         return counts
+
+
+def rescale(img: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Image (bilinear, antialiased when shrinking, as predict's ``--gsd``) and mask (nearest) resampled
+    by ``factor``."""
+    if factor == 1:
+        return img, mask
+    from ..engine.resize import resize
+
+    h, w = mask.shape
+    size = (max(1, round(h * factor)), max(1, round(w * factor)))
+    out = resize(img[None].astype(np.float32), size, antialias=factor < 1, threads=2)[0]
+    out = np.clip(np.rint(out), 0, np.iinfo(img.dtype).max).astype(img.dtype) if img.dtype.kind == "u" else out
+    rows = np.minimum(((np.arange(size[0]) + 0.5) / factor).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(size[1]) + 0.5) / factor).astype(np.int64), w - 1)
+    return out, mask[rows[:, None], cols[None, :]]
 
 
 def random_crop(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray,

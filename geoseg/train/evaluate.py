@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -44,11 +45,28 @@ def evaluate_dataset(model: Any, spec: DatasetSpec, split: str = "val", *, tile:
     for n, p in enumerate(paths, 1):
         img = read_image(p)[: model.card.in_channels]
         truth = remap(read_image(mask_path(spec, p))[0], spec.label_mapping)
-        _, opts = resolve(model.card, img.shape[1:], tiling, batch_size=batch_size)
-        cm.update(predict_array(img, model, opts).classes, truth)
+        runner, tiled = _at_scale(model, spec.scale_of(p), tiling)
+        _, opts = resolve(runner.card, img.shape[1:], tiled, batch_size=batch_size)
+        cm.update(predict_array(img, runner, opts).classes, truth)
         if progress:
             progress(n, len(paths))
     return cm
+
+
+def _at_scale(model: Any, factor: float, tiling: Tiling) -> tuple[Any, Tiling]:
+    """``model`` run on an image resampled by ``factor``, as ``predict --gsd`` does it (the map on the
+    image's own grid), and the tiling in the image's pixels."""
+    if factor == 1:
+        return model, tiling
+    from ..engine.adapters import AtGroundResolution
+
+    runner = AtGroundResolution(model, 1 / factor, tiling.tile or model.card.tile_size)
+
+    def scaled(v: int | None) -> int | None:
+        return None if v is None else int(round(v / factor))
+
+    return runner, dataclasses.replace(tiling, tile=runner.native_tile, overlap=scaled(tiling.overlap),
+                                       margin=scaled(tiling.margin))
 
 
 def _with_tta(model: Any, tta: str) -> Any:
