@@ -37,7 +37,8 @@ from ..geometry.units import NODATA, Measure
 from ..io.vector import Batch
 from .runner import Runner
 
-BLOCK_BYTES = 16 * 2**20  # class pixels per task when the block shape is chosen automatically
+BLOCK_BYTES = 8 * 2**20  # class pixels per task when the block shape is chosen automatically
+STRIP_READ_CACHE_BYTES = 2 * 2**20  # GDAL block cache of a polygonizing worker
 UNION_TASK_VERTICES = 500_000  # vertices of pieces per union task sent to a worker
 
 
@@ -178,9 +179,8 @@ def _read_and_polygonize(path: str, r0: int, c0: int, h: int, w: int, grid_shape
     import rasterio
     from rasterio.windows import Window
 
-    from ..io.raster import GDAL_CACHE_BYTES
-
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(path) as ds:
+    # each block of the file is read once, by one strip: a cache would only keep pages the worker no longer needs
+    with rasterio.Env(GDAL_CACHEMAX=STRIP_READ_CACHE_BYTES), rasterio.open(path) as ds:
         classes = ds.read(1, window=Window(c0, r0, w, h))
     return polygonize_block(classes, r0, c0, grid_shape, transform, measure, nodata=nodata)
 

@@ -34,6 +34,19 @@ def _worker_init() -> None:
             pass
 
 
+def release_free_memory() -> None:
+    """Hand the pages glibc keeps of freed memory back to the system (``malloc_trim``; elsewhere a no-op)."""
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # pragma: no cover - not glibc
+            pass
+
+
 class Runner:
     """Runs tasks in this process (one worker), in a pool of worker processes, or on an executor.
 
@@ -49,6 +62,12 @@ class Runner:
         self.pool: Any = executor
         self.owned = executor is None
         if executor is None and num_workers > 1:
+            import gc
+
+            # the workers are forked: they should not start with the heap's freed pages, and their garbage
+            # collector should not walk (and so copy) every object they share with this process
+            release_free_memory()
+            gc.freeze()
             import multiprocessing
             import sys
             from concurrent.futures import ProcessPoolExecutor
