@@ -185,3 +185,16 @@ def test_gpkg_is_version_1_2_with_a_default_style(tmp_path):
         "SELECT f_table_name, styleQML, useAsDefault FROM layer_styles").fetchone()
     assert name == "landcover" and default == 1 and 'attr="class_name"' in qml
     con.close()
+
+
+def test_preloaded_modules_are_imported_and_a_missing_one_is_left_to_its_user():
+    import sys
+
+    from geoseg.io.preload import preload, wait_preloaded
+
+    for name in ("xml.dom.minidom", "geoseg_no_such_module"):
+        sys.modules.pop(name, None)
+    preload("geoseg_no_such_module", "xml.dom.minidom")
+    wait_preloaded()
+    assert "geoseg_no_such_module" not in sys.modules
+    assert "xml.dom.minidom" in sys.modules

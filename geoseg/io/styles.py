@@ -11,10 +11,8 @@ from xml.sax.saxutils import quoteattr
 
 def hex_color(rgb: tuple[int, int, int]) -> str:
     """``(r, g, b)`` 0-255 as ``#rrggbb``."""
-    from matplotlib.colors import to_hex
-
-    r, g, b = (v / 255 for v in rgb)
-    return to_hex((r, g, b))
+    r, g, b = (min(255, max(0, int(round(v)))) for v in rgb)
+    return f"#{r:02x}{g:02x}{b:02x}"
 
 
 def paletted_raster_qml(classes: list[str], palette: list[tuple[int, int, int]]) -> str:

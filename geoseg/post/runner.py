@@ -62,12 +62,10 @@ class Runner:
         self.pool: Any = executor
         self.owned = executor is None
         if executor is None and num_workers > 1:
-            import gc
+            from ..io.preload import wait_preloaded
 
-            # the workers are forked: they should not start with the heap's freed pages, and their garbage
-            # collector should not walk (and so copy) every object they share with this process
-            release_free_memory()
-            gc.freeze()
+            wait_preloaded()  # no import lock held by another thread at the fork
+            release_free_memory()  # the workers are forked: they should not start with the heap's freed pages
             import multiprocessing
             import sys
             from concurrent.futures import ProcessPoolExecutor

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..engine.options import Compute, Tiling
 from ..errors import ConfigError, PartialRunError
+from ..io.preload import preload
 from ..io.raster import bounded_gdal_cache
 from ..io.staging import Journal, Staging
 from ..io.styles import write_text_atomic
@@ -90,6 +91,8 @@ def predict(src: str | Path, output: str | Path | None = None, *, model: Any, ca
     plan = make_plan(src, out, model=model, card=card, tiling=tiling, compute=compute, outputs=outputs,
                      bands=bands)
     staging = _open_staging(plan, resume)
+    if plan.outputs.polygons:
+        preload("geoseg.io.vector", "pyogrio.raw")  # the polygons' writer, imported while the blocks run
     scheduler, client = stages.connect(plan.compute.scheduler)
     try:
         t_setup = time.perf_counter()
