@@ -37,7 +37,7 @@ from ..geometry.units import NODATA, Measure
 from ..io.vector import Batch
 from .runner import Runner
 
-BLOCK_BYTES = 8 * 2**20  # class pixels per task when the block shape is chosen automatically
+BLOCK_BYTES = 16 * 2**20  # class pixels per task when the block shape is chosen automatically
 STRIP_READ_CACHE_BYTES = 2 * 2**20  # GDAL block cache of a polygonizing worker
 UNION_TASK_VERTICES = 500_000  # vertices of pieces per union task sent to a worker
 
