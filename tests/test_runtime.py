@@ -175,3 +175,34 @@ def test_a_broken_cached_export_is_made_again(yolo_checkpoint, fresh_cache):
     path.write_bytes(whole[: len(whole) // 3])  # truncated (a full disk, say)
     again = geoseg.load_model(yolo_checkpoint, device="cpu").backend
     assert isinstance(again, OnnxBackend) and again.path == path and path.read_bytes() == whole
+
+
+def test_gpu_batch_without_cuda_torch_comes_from_nvml_or_a_fixed_size(monkeypatch):
+    """An ONNX model on onnxruntime-gpu beside a CPU build of torch: torch cannot say how much memory is free."""
+    import sys
+    import types
+
+    import torch
+
+    from geoseg.models.backends import UNKNOWN_GPU_BATCH, auto_batch_size
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
+    assert auto_batch_size("cuda", 512, 3) == UNKNOWN_GPU_BATCH
+
+    asked = []
+
+    class NVMLError(Exception):
+        pass
+
+    nvml = types.SimpleNamespace(
+        NVMLError=NVMLError, nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: asked.append(i) or i,
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(free=8 * 2**30))
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    # half of 8 GiB over 512² px x 6000 B a tile
+    assert auto_batch_size("cuda:1", 512, 3) == (4 * 2**30) // (512 * 512 * 6000)
+    assert asked == [1]  # the second visible device is physical device 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-0e3a")
+    assert auto_batch_size("cuda", 512, 3) == UNKNOWN_GPU_BATCH

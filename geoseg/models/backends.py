@@ -102,12 +102,54 @@ def auto_batch_size(device: str, tile: int, in_channels: int, *, bytes_per_pixel
     memory; the ukis-csmask U-Net at 256², batch 4 against 1: 7 % faster.
     """
     if device.startswith("cuda"):
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        free = cuda_free_bytes(device)
+        if free is None:  # nothing can tell: a batch that fits any data-centre GPU at 512² tiles
+            return UNKNOWN_GPU_BATCH
         per_tile = tile * tile * max(bytes_per_pixel, in_channels * 4)
         return int(max(1, min(64, (free // 2) // per_tile)))
     return int(max(1, min(8, (512 * 512) // max(1, tile * tile))))
+
+
+#: The batch on a GPU whose free memory cannot be queried.
+UNKNOWN_GPU_BATCH = 16
+
+
+def cuda_free_bytes(device: str) -> int | None:
+    """Free memory of a CUDA device, or None where neither torch nor NVML can tell.
+
+    torch answers when it was built with CUDA; otherwise (an ONNX model on
+    onnxruntime-gpu beside a CPU build of torch, or no torch) NVML does,
+    through ``pynvml`` (``pip install nvidia-ml-py``) where it is installed.
+    NVML counts devices physically, so with ``CUDA_VISIBLE_DEVICES`` set
+    its index is mapped through that list.
+    """
+    import os
+
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    except ImportError:
+        pass
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if visible:
+        if index >= len(visible) or not visible[index].isdigit():
+            return None  # a UUID or an index out of range: not worth guessing
+        index = int(visible[index])
+    try:
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).free)
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return None
 
 
 def _upsample(logits: Any, size: tuple[int, int]) -> Any:
