@@ -259,20 +259,29 @@ def adapt(net: Any, tiling: Any, grid: Any) -> tuple[Any, Any, dict[str, Any]]:
     ratio = gsd_ratio(card.gsd, grid, tiling.gsd)
     if ratio is None:
         return runner, tiling, info
+    runner, tiling = at_ratio(runner, ratio, tiling)
+    info["ratio"] = ratio
+    info["native_tile"] = runner.native_tile
+    return runner, tiling, info
+
+
+def at_ratio(runner: Any, ratio: float, tiling: Any) -> tuple[Any, Any]:
+    """``runner`` on input resampled by ``1 / ratio`` (scene pixel / model pixel), with the map on the
+    input's own grid; and ``tiling``, whose ``tile``/``overlap``/``margin`` are in the model's pixels,
+    in the input's pixels."""
+    card = runner.card
     model_tile = tiling.tile or card.tile_size
     if card.fixed_size and model_tile != card.tile_size:
         raise ConfigError(f"model {card.name!r} only accepts {card.tile_size}-px tiles; drop --tile-size")
     if model_tile % card.pad_multiple:
         raise ConfigError(f"tile size {model_tile} is not a multiple of the model's pad_multiple {card.pad_multiple}")
     runner = AtGroundResolution(runner, ratio, model_tile)
+
     def scale(v: int | None) -> int | None:
         return None if v is None else int(round(v * ratio))
 
-    tiling = dataclasses.replace(tiling, tile=runner.native_tile, overlap=scale(tiling.overlap),
-                                 margin=scale(tiling.margin))
-    info["ratio"] = ratio
-    info["native_tile"] = runner.native_tile
-    return runner, tiling, info
+    return runner, dataclasses.replace(tiling, tile=runner.native_tile, overlap=scale(tiling.overlap),
+                                       margin=scale(tiling.margin))
 
 
 @dataclasses.dataclass(frozen=True)

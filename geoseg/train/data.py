@@ -225,10 +225,11 @@ def rescale(img: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.ndarra
     if factor == 1:
         return img, mask
     from ..engine.resize import resize
+    from ..models.backends import available_cores
 
     h, w = mask.shape
     size = (max(1, round(h * factor)), max(1, round(w * factor)))
-    out = resize(img[None].astype(np.float32), size, antialias=factor < 1, threads=2)[0]
+    out = resize(img[None].astype(np.float32), size, antialias=factor < 1, threads=available_cores())[0]
     out = np.clip(np.rint(out), 0, np.iinfo(img.dtype).max).astype(img.dtype) if img.dtype.kind == "u" else out
     rows = np.minimum(((np.arange(size[0]) + 0.5) / factor).astype(np.int64), h - 1)
     cols = np.minimum(((np.arange(size[1]) + 0.5) / factor).astype(np.int64), w - 1)

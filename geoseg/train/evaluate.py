@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -58,15 +57,9 @@ def _at_scale(model: Any, factor: float, tiling: Tiling) -> tuple[Any, Tiling]:
     image's own grid), and the tiling in the image's pixels."""
     if factor == 1:
         return model, tiling
-    from ..engine.adapters import AtGroundResolution
+    from ..engine.adapters import at_ratio
 
-    runner = AtGroundResolution(model, 1 / factor, tiling.tile or model.card.tile_size)
-
-    def scaled(v: int | None) -> int | None:
-        return None if v is None else int(round(v / factor))
-
-    return runner, dataclasses.replace(tiling, tile=runner.native_tile, overlap=scaled(tiling.overlap),
-                                       margin=scaled(tiling.margin))
+    return at_ratio(model, 1 / factor, tiling)
 
 
 def _with_tta(model: Any, tta: str) -> Any:
