@@ -147,3 +147,56 @@ def test_a_block_counts_as_done_only_once_all_its_files_are_saved(tmp_path, monk
     for ij in journal.done():  # every block that counts as done loads in full
         assert (journal.load(ij) == classes).all()
         assert (journal.load(ij, "confidence") == confidence).all()
+
+
+def test_a_run_killed_while_its_files_move_is_completed_by_the_next(tmp_path, monkeypatch, yolo_checkpoint):
+    """Publishing is two-phase: the record (run.json) goes first and comes back last, and the
+    next run into the folder completes a publish that was cut short, so no folder mixes two runs."""
+    import geoseg
+    from geoseg.io.staging import Staging
+
+    scene = write_raster(tmp_path / "scene.tif", smooth_image((3, 160, 200)))
+    out = tmp_path / "out"
+    opts = dict(model=yolo_checkpoint, device="cpu", tile_size=64, overlap=16, polygons=False, overwrite=True)
+    geoseg.predict(scene, out, confidence=True, **opts)
+    assert (out / "confidence.tif").exists() and (out / "run.json").exists()
+    first = json.loads((out / "run.json").read_text())
+
+    real_replace = os.replace
+    moved: list[str] = []
+
+    def killed_after_two_files(src, dst):  # type: ignore[no-untyped-def]
+        if Path(dst).parent == out:
+            if len(moved) == 2:
+                raise KeyboardInterrupt("killed")
+            moved.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_two_files)
+    with pytest.raises(KeyboardInterrupt):
+        geoseg.predict(scene, out, confidence=False, **opts)
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    assert "run.json" not in moved
+    assert not (out / "run.json").exists()  # the folder does not claim a complete run
+    assert not (out / "confidence.tif").exists()  # the first run's output that the second does not write
+    staging = Staging(out)
+    assert (staging.dir / Staging.PUBLISHING).exists()
+    assert staging.finish_publishing()
+    assert not staging.exists() and not staging.finish_publishing()
+    second = json.loads((out / "run.json").read_text())
+    assert second["options"]["confidence"] is False and first["options"]["confidence"] is True
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["classes.tif", "classes.tif.aux.xml", "classes.qml", "stats.csv", "stats.json", "run.json"])
+
+    # and through predict: a cut-short publish is completed before the next run starts
+    monkeypatch.setattr(os, "replace", killed_after_two_files)
+    moved.clear()
+    with pytest.raises(KeyboardInterrupt):
+        geoseg.predict(scene, out, confidence=True, **opts)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not (out / "run.json").exists()
+    geoseg.predict(scene, out, confidence=True, **opts)
+    assert not staging.exists()
+    assert json.loads((out / "run.json").read_text())["options"]["confidence"] is True
+    assert (out / "confidence.tif").exists()

@@ -47,18 +47,48 @@ class Staging:
             shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
 
-    def publish(self, names: Iterable[str], replace: Iterable[str] = ()) -> None:
-        """Move ``names`` from the staging folder into ``out``; old files in ``replace`` go first.
+    #: written into the staging folder once a run is complete, before its files move
+    PUBLISHING = "publishing.json"
+
+    def publish(self, names: Iterable[str], replace: Iterable[str] = (), *, record: str = "run.json") -> None:
+        """Move ``names`` from the staging folder into ``out``; old files in ``replace`` go.
 
         Old outputs of a previous run that this run does not write again are
-        removed too, so the folder never mixes two runs.
+        removed too, so the folder never mixes two runs. ``record`` (the
+        run's record) is removed from ``out`` first and moved in last: a
+        folder that has it holds one complete run. What is to move is
+        written down first, so a run killed while its files move is
+        completed by :meth:`finish_publishing` (the next run does that).
         """
-        self.out.mkdir(parents=True, exist_ok=True)
+        import json
+
         new = [n for n in names if (self.dir / n).exists()]
-        for n in new:  # each rename is atomic: a reader sees the old file or the new one
-            os.replace(self.dir / n, self.out / n)
-        for n in set(replace) - set(new):
+        order = [n for n in new if n != record] + [n for n in new if n == record]
+        plan = {"move": order, "remove": sorted(set(replace) - set(new)), "record": record}
+        tmp = self.dir / f".{self.PUBLISHING}.part"
+        tmp.write_text(json.dumps(plan))
+        os.replace(tmp, self.dir / self.PUBLISHING)
+        self._move(plan)
+
+    def finish_publishing(self) -> bool:
+        """Complete the publishing of a run killed while its files moved; True if there was one."""
+        import json
+
+        try:
+            plan = json.loads((self.dir / self.PUBLISHING).read_text())
+        except (OSError, ValueError):
+            return False
+        self._move(plan)
+        return True
+
+    def _move(self, plan: dict[str, Any]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / plan["record"]).unlink(missing_ok=True)
+        for n in plan["remove"]:
             (self.out / n).unlink(missing_ok=True)
+        for n in plan["move"]:  # each rename is atomic: a reader sees the old file or the new one
+            if (self.dir / n).exists():  # not moved yet (a completed publish moved some before it stopped)
+                os.replace(self.dir / n, self.out / n)
         self.discard()
 
     def discard(self) -> None:

@@ -88,6 +88,7 @@ def predict(src: str | Path, output: str | Path | None = None, *, model: Any, ca
     flat = split_options(options)
     tiling, compute, outputs = tiling or flat[0], compute or flat[1], outputs or flat[2]
     out = Path(output) if output is not None else default_output(src)
+    Staging(out).finish_publishing()  # a complete run killed while its files moved: theirs go in first
     plan = make_plan(src, out, model=model, card=card, tiling=tiling, compute=compute, outputs=outputs,
                      bands=bands)
     staging = _open_staging(plan, resume)
