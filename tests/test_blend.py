@@ -56,3 +56,22 @@ def test_argmax_classes_equals_numpy_argmax_ties_included():
     got = argmax_classes(scores)
     assert got.dtype == np.uint8
     assert np.array_equal(got, np.argmax(scores, axis=0))
+
+
+def test_accumulation_is_the_same_to_the_bit_with_torch_loaded_or_not(monkeypatch):
+    """A run resumed in a process without torch must continue exactly what one with torch began."""
+    import sys
+
+    import torch  # noqa: F401 - loaded: accumulate takes the torch path
+
+    rng = np.random.default_rng(3)
+    window = make_window("hann", 64, 8)
+    tiles = [(rng.normal(0, 7, (5, 64, 64)).astype(np.float32), r, c) for r, c in ((0, 0), (0, 40), (40, 0), (40, 40))]
+    with_torch = np.zeros((6, 104, 104), np.float32)
+    for lg, r, c in tiles:
+        accumulate(with_torch, lg, window, r, c)
+    monkeypatch.setitem(sys.modules, "torch", None)  # as in a process that never imported it
+    without = np.zeros_like(with_torch)
+    for lg, r, c in tiles:
+        accumulate(without, lg, window, r, c)
+    assert with_torch.tobytes() == without.tobytes()

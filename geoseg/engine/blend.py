@@ -110,11 +110,14 @@ def accumulate(acc: np.ndarray, logits: np.ndarray, window: np.ndarray, row: int
     ``acc`` is (K + 1, H, W) float32: channels ``:K`` hold ``sum(w * logits)``,
     channel ``K`` holds ``sum(w)``. ``logits`` is (K, T, T) float32 at the
     output grid; ``(row, col)`` is the tile origin in ``acc``'s pixel
-    coordinates. Where torch is loaded anyway (a torch model), the
-    multiply-add runs as one fused pass (``addcmul_`` on views of the same
-    memory), 4-10x faster than numpy; otherwise (ONNX Runtime alone, which
-    starts 1.5 s sooner without torch) numpy runs it plane by plane, about
-    0.4 ms for a 256² tile of 3 classes, next to a forward pass of 50-100 ms.
+    coordinates. Where torch is loaded anyway (a torch model), torch runs
+    the multiply and the add on views of the same memory; otherwise (ONNX
+    Runtime alone, which starts 1.5 s sooner without torch) numpy runs them
+    plane by plane, about 0.4 ms for a 256² tile of 3 classes, next to a
+    forward pass of 50-100 ms. Both round the product and then the sum, so
+    the result is the same to the bit whichever runs it (a fused
+    multiply-add rounds once and would not be): a run resumed in a process
+    without torch continues exactly what one with torch began.
     """
     k, t, _ = logits.shape
     torch = sys.modules.get("torch")
@@ -122,7 +125,7 @@ def accumulate(acc: np.ndarray, logits: np.ndarray, window: np.ndarray, row: int
     if torch is not None and not getattr(getattr(torch, "__spec__", None), "_initializing", False):
         region = torch.from_numpy(acc[:, row : row + t, col : col + t])
         w = torch.from_numpy(window)
-        region[:k].addcmul_(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), w)
+        region[:k].add_(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)) * w)
         region[k].add_(w)
         return
     region = acc[:, row : row + t, col : col + t]

@@ -157,11 +157,22 @@ class Journal:
             os.replace(tmp, final)
 
     def done(self) -> frozenset[tuple[int, int]]:
-        """Blocks whose classes are saved."""
+        """Blocks whose classes are saved, each file whole.
+
+        Block files are renamed into place but not synced to disk (that would
+        cost a sync per block), so after a power loss a renamed file may be
+        cut short: such a block (header or data missing) is dropped here and
+        computed again.
+        """
         out = set()
         for p in self.dir.glob("*.classes.npy"):
             i, j = p.name.split(".")[0].split("-")
-            out.add((int(i), int(j)))
+            conf = p.with_name(f"{i}-{j}.confidence.npy")
+            if _whole(p) and (not conf.exists() or _whole(conf)):
+                out.add((int(i), int(j)))
+            else:
+                p.unlink(missing_ok=True)
+                conf.unlink(missing_ok=True)
         return frozenset(out)
 
     def load(self, ij: tuple[int, int], kind: str = "classes"):  # type: ignore[no-untyped-def]
@@ -171,3 +182,14 @@ class Journal:
 
     def drop_blocks(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _whole(path: Path) -> bool:
+    """An .npy file with its whole header and data (mapped, not read)."""
+    import numpy as np
+
+    try:
+        np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return False
+    return True

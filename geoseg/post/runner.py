@@ -12,14 +12,17 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int | None = None) -> None:
     """In each polygonizing process: die with the parent, and leave Ctrl-C to it.
 
     Without this, a parent killed with SIGKILL leaves its workers running
-    until they finish their task (minutes on large rasters), and Ctrl-C in a
-    terminal, which reaches the whole process group, prints a traceback
-    from every worker.
+    until they finish their task (minutes on large rasters), or waiting for
+    one for ever, and Ctrl-C in a terminal, which reaches the whole process
+    group, prints a traceback from every worker. A parent that died between
+    the fork and this call sends no signal: then the worker sees another
+    parent (``parent`` is the pid it was forked from) and leaves at once.
     """
+    import os
     import signal
     import sys
 
@@ -32,6 +35,8 @@ def _worker_init() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
         except OSError:  # pragma: no cover - a libc without prctl
             pass
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def release_free_memory() -> None:
@@ -67,13 +72,15 @@ class Runner:
             wait_preloaded()  # no import lock held by another thread at the fork
             release_free_memory()  # the workers are forked: they should not start with the heap's freed pages
             import multiprocessing
+            import os
             import sys
             from concurrent.futures import ProcessPoolExecutor
 
             # fork on Linux: the children only read and polygonize, and unlike spawn or
             # forkserver it does not re-run the caller's script (no __main__ guard needed)
             ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-            self.pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_worker_init)
+            self.pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_worker_init,
+                                            initargs=(os.getpid(),))
 
     def map(self, func: Callable[..., Any], args: Sequence[tuple[Any, ...]]) -> Iterator[Any]:
         if self.pool is None:
