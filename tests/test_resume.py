@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,3 +229,64 @@ def test_a_block_file_cut_short_counts_as_not_done(tmp_path):
     assert journal.done() == frozenset({(0, 0)})
     assert not cut.exists() and not conf.exists()  # dropped, to be computed again
     assert (journal.load((0, 0)) == classes).all()
+
+
+def test_resume_after_a_kill_while_files_move_finishes_that_run(tmp_path, monkeypatch, yolo_checkpoint):
+    import geoseg
+    from geoseg.io.staging import Staging
+
+    scene = write_raster(tmp_path / "scene.tif", smooth_image((3, 160, 200)))
+    out = tmp_path / "out"
+    opts = dict(model=yolo_checkpoint, device="cpu", tile_size=64, overlap=16, polygons=False)
+    real_replace = os.replace
+    moved: list[str] = []
+
+    def killed_after_one_file(src, dst):  # type: ignore[no-untyped-def]
+        if Path(dst).parent == out:
+            if moved:
+                raise KeyboardInterrupt("killed")
+            moved.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        geoseg.predict(scene, out, **opts)
+    monkeypatch.setattr(os, "replace", real_replace)
+    staged = json.loads((Staging(out).dir / "run.json").read_text())
+
+    res = geoseg.predict(scene, out, resume=True, **opts)  # nothing is run again: the run was complete
+    assert json.loads((out / "run.json").read_text()) == staged
+    assert res.tiles_run == staged["counts"]["tiles_run"] and res.pixels == 160 * 200
+    assert res.timings == staged["timings"] and int(res.areas.pixels.sum()) == 160 * 200
+    assert sorted(res.files) == sorted(["classes.tif", "classes.tif.aux.xml", "classes.qml", "stats.csv",
+                                        "stats.json", "run.json"])
+    assert not Staging(out).exists()
+
+
+def test_a_publish_killed_after_its_last_move_keeps_the_record(tmp_path):
+    """Killed after run.json moved in but before the staging folder was removed: the run is complete."""
+    from geoseg.io.staging import Staging
+
+    out = tmp_path / "out"
+    staging = Staging(out)
+    staging.fresh()
+    for name in ("classes.tif", "run.json"):
+        (staging.dir / name).write_text(name)
+    (staging.dir / "blocks").mkdir()
+    real_rmtree = shutil.rmtree
+
+    def killed(*a, **k):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt("killed")
+
+    shutil.rmtree = killed  # type: ignore[assignment]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            staging.publish(["classes.tif", "run.json"])
+    finally:
+        shutil.rmtree = real_rmtree  # type: ignore[assignment]
+    assert (out / "run.json").read_text() == "run.json" and staging.exists()
+    (staging.dir / Staging.PUBLISHING).write_text(json.dumps({"move": ["classes.tif", "run.json"], "remove": [],
+                                                              "record": "run.json"}))  # as if killed before its removal
+    assert staging.finish_publishing()
+    assert (out / "run.json").read_text() == "run.json" and (out / "classes.tif").exists()
+    assert not staging.exists()

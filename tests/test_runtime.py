@@ -190,19 +190,20 @@ def test_gpu_batch_without_cuda_torch_comes_from_nvml_or_a_fixed_size(monkeypatc
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
     assert auto_batch_size("cuda", 512, 3) == UNKNOWN_GPU_BATCH
 
-    asked = []
-
     class NVMLError(Exception):
         pass
 
+    free = {0: 2 * 2**30, 1: 8 * 2**30, 2: 2 * 2**30, 3: 4 * 2**30}  # bytes free, by PCI bus order
     nvml = types.SimpleNamespace(
-        NVMLError=NVMLError, nvmlInit=lambda: None, nvmlShutdown=lambda: None,
-        nvmlDeviceGetHandleByIndex=lambda i: asked.append(i) or i,
-        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(free=8 * 2**30))
+        NVMLError=NVMLError, nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: 4,
+        nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(free=free[h]))
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    per_tile = 512 * 512 * 6000
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
-    # half of 8 GiB over 512² px x 6000 B a tile
-    assert auto_batch_size("cuda:1", 512, 3) == (4 * 2**30) // (512 * 512 * 6000)
-    assert asked == [1]  # the second visible device is physical device 1
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    assert auto_batch_size("cuda:1", 512, 3) == (8 * 2**30 // 2) // per_tile  # the second visible: bus device 1
+    monkeypatch.delenv("CUDA_DEVICE_ORDER")
+    # CUDA's default order (fastest first) need not be the bus order: the least free of the visible devices
+    assert auto_batch_size("cuda:1", 512, 3) == (4 * 2**30 // 2) // per_tile
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-0e3a")
     assert auto_batch_size("cuda", 512, 3) == UNKNOWN_GPU_BATCH

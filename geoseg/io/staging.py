@@ -53,8 +53,10 @@ class Staging:
     def publish(self, names: Iterable[str], replace: Iterable[str] = (), *, record: str = "run.json") -> None:
         """Move ``names`` from the staging folder into ``out``; old files in ``replace`` go.
 
-        Old outputs of a previous run that this run does not write again are
-        removed too, so the folder never mixes two runs. ``record`` (the
+        Old outputs in ``replace`` that this run does not write again are
+        removed too, so with ``replace`` naming every output a run can write
+        (``--overwrite``; without it, predict refuses a folder that has any)
+        the folder never mixes two runs. ``record`` (the
         run's record) is removed from ``out`` first and moved in last: a
         folder that has it holds one complete run. What is to move is
         written down first, so a run killed while its files move is
@@ -83,12 +85,14 @@ class Staging:
 
     def _move(self, plan: dict[str, Any]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / plan["record"]).unlink(missing_ok=True)
-        for n in plan["remove"]:
-            (self.out / n).unlink(missing_ok=True)
-        for n in plan["move"]:  # each rename is atomic: a reader sees the old file or the new one
-            if (self.dir / n).exists():  # not moved yet (a completed publish moved some before it stopped)
-                os.replace(self.dir / n, self.out / n)
+        if (self.dir / plan["record"]).exists():  # else it has moved in already: the publish is complete
+            (self.out / plan["record"]).unlink(missing_ok=True)
+            for n in plan["remove"]:
+                (self.out / n).unlink(missing_ok=True)
+            for n in plan["move"]:  # each rename is atomic: a reader sees the old file or the new one
+                if (self.dir / n).exists():  # not moved yet (a publish cut short moved some)
+                    os.replace(self.dir / n, self.out / n)
+        (self.dir / self.PUBLISHING).unlink(missing_ok=True)  # done, before the slower removal of the rest
         self.discard()
 
     def discard(self) -> None:
@@ -165,10 +169,11 @@ class Journal:
         computed again.
         """
         out = set()
+        needs_conf = bool(((self.read_state() or {}).get("fingerprint") or {}).get("confidence"))
         for p in self.dir.glob("*.classes.npy"):
             i, j = p.name.split(".")[0].split("-")
             conf = p.with_name(f"{i}-{j}.confidence.npy")
-            if _whole(p) and (not conf.exists() or _whole(conf)):
+            if _whole(p) and (_whole(conf) if needs_conf or conf.exists() else True):
                 out.add((int(i), int(j)))
             else:
                 p.unlink(missing_ok=True)
@@ -185,7 +190,8 @@ class Journal:
 
 
 def _whole(path: Path) -> bool:
-    """An .npy file with its whole header and data (mapped, not read)."""
+    """An .npy file with its whole header and as many bytes as its data needs (mapped, not read:
+    a file of the right length whose pages never reached the disk is not told apart)."""
     import numpy as np
 
     try:

@@ -117,39 +117,47 @@ UNKNOWN_GPU_BATCH = 16
 def cuda_free_bytes(device: str) -> int | None:
     """Free memory of a CUDA device, or None where neither torch nor NVML can tell.
 
-    torch answers when it was built with CUDA; otherwise (an ONNX model on
-    onnxruntime-gpu beside a CPU build of torch, or no torch) NVML does,
-    through ``pynvml`` (``pip install nvidia-ml-py``) where it is installed.
-    NVML counts devices physically, so with ``CUDA_VISIBLE_DEVICES`` set
-    its index is mapped through that list.
+    torch answers when it is loaded (a torch model) and built with CUDA;
+    otherwise (an ONNX model on onnxruntime-gpu, beside a CPU build of torch
+    or none) NVML does, through ``pynvml`` (``pip install nvidia-ml-py``)
+    where it is installed. NVML numbers devices by PCI bus: only with
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` is ``cuda:N`` known to be NVML's
+    device N (mapped through ``CUDA_VISIBLE_DEVICES``); otherwise the
+    least free memory among the visible devices is taken.
     """
     import os
+    import sys
 
     index = int(device.split(":", 1)[1]) if ":" in device else 0
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    except ImportError:
-        pass
+    torch = sys.modules.get("torch")  # importing torch for this alone would cost more than it tells
+    if torch is not None:
+        try:
+            if torch.cuda.is_available():
+                return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except Exception:  # noqa: BLE001 - a CUDA build that cannot reach the driver: ask NVML
+            pass
     try:
         import pynvml
     except ImportError:
         return None
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if visible:
-        if index >= len(visible) or not visible[index].isdigit():
-            return None  # a UUID or an index out of range: not worth guessing
-        index = int(visible[index])
     try:
         pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).free)
-        finally:
-            pynvml.nvmlShutdown()
     except pynvml.NVMLError:
         return None
+    try:
+        n = pynvml.nvmlDeviceGetCount()
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        if visible and not all(v.isdigit() for v in visible):
+            return None  # UUIDs or MIG instances: not worth guessing
+        devices = [int(v) for v in visible if int(v) < n] if visible else list(range(n))
+        if os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID":
+            devices = devices[index : index + 1]
+        free = [int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(d)).free) for d in devices]
+        return min(free) if free else None
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def _upsample(logits: Any, size: tuple[int, int]) -> Any:

@@ -79,8 +79,10 @@ class Runner:
             # fork on Linux: the children only read and polygonize, and unlike spawn or
             # forkserver it does not re-run the caller's script (no __main__ guard needed)
             ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+            # the parent's pid lets a forked worker see that its parent died before the death signal was set
+            parent = os.getpid() if ctx.get_start_method() == "fork" else None
             self.pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_worker_init,
-                                            initargs=(os.getpid(),))
+                                            initargs=(parent,))
 
     def map(self, func: Callable[..., Any], args: Sequence[tuple[Any, ...]]) -> Iterator[Any]:
         if self.pool is None:

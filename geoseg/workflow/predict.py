@@ -88,7 +88,8 @@ def predict(src: str | Path, output: str | Path | None = None, *, model: Any, ca
     flat = split_options(options)
     tiling, compute, outputs = tiling or flat[0], compute or flat[1], outputs or flat[2]
     out = Path(output) if output is not None else default_output(src)
-    Staging(out).finish_publishing()  # a complete run killed while its files moved: theirs go in first
+    if Staging(out).finish_publishing() and resume:  # a complete run killed while its files moved
+        return published_result(out)
     plan = make_plan(src, out, model=model, card=card, tiling=tiling, compute=compute, outputs=outputs,
                      bands=bands)
     staging = _open_staging(plan, resume)
@@ -121,6 +122,21 @@ def predict(src: str | Path, output: str | Path | None = None, *, model: Any, ca
     return PredictResult(out, {n: out / n for n in names if (out / n).exists()}, list(plan.net.card.classes),
                          counts.histogram, counts.tiles_run, counts.tiles_skipped, t_end - t0, timings, areas,
                          counts.transfers)
+
+
+def published_result(out: Path) -> PredictResult:
+    """The result of the complete run published in ``out``, from its ``run.json`` (for a ``resume``
+    that finds the run was killed only while its files moved: it is finished, not run again)."""
+    from ..post.landcover import area_stats
+
+    run = json.loads((out / "run.json").read_text())
+    c = run["counts"]
+    classes = list(c["class_pixels"])
+    hist = np.array([*c["class_pixels"].values(), c["nodata_pixels"]], np.int64)
+    files = {n: out / n for n in ALL_OUTPUTS if (out / n).exists()}
+    return PredictResult(out, files, classes, hist, c["tiles_run"], c["tiles_skipped_nodata"],
+                         float(run["timings"].get("total_s", 0.0)), run["timings"], area_stats(out / "classes.tif"),
+                         run.get("transfers", {}))
 
 
 def _step(progress: Any, name: str) -> None:
