@@ -104,6 +104,12 @@ def main() -> None:
     ap.add_argument("--tta", choices=["none", "flips", "d4"], default="none",
                     help="evaluate with test-time augmentation (geoseg val --tta)")
     args = ap.parse_intermixed_args()  # key=value overrides before or after the options
+    # "--areas tile_1 key=value": argparse gives the override to --areas; it belongs with the others
+    args.overrides += [a for a in args.areas if "=" in a]
+    args.areas = [a for a in args.areas if "=" not in a]
+    unknown = [a for a in args.areas if a not in AREAS]
+    if unknown:
+        ap.error(f"unknown area {unknown[0]!r}; the areas are {', '.join(AREAS)}")
     if not DUBAI.exists():
         sys.exit(f"{DUBAI} is missing: the study needs the shared Dubai data beside the repository")
     scales = None
