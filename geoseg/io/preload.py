@@ -39,4 +39,4 @@ def _import(modules: list[str]) -> None:
         try:
             importlib.import_module(m)
         except Exception:  # noqa: BLE001 - an import that fails here fails again, with its message, where it is used
-            continue
+            pass

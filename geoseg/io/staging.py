@@ -56,11 +56,11 @@ class Staging:
         Old outputs in ``replace`` that this run does not write again are
         removed too, so with ``replace`` naming every output a run can write
         (``--overwrite``; without it, predict refuses a folder that has any)
-        the folder never mixes two runs. ``record`` (the
-        run's record) is removed from ``out`` first and moved in last: a
-        folder that has it holds one complete run. What is to move is
-        written down first, so a run killed while its files move is
-        completed by :meth:`finish_publishing` (the next run does that).
+        the folder never mixes two runs. ``record`` (the run's record) is
+        removed from ``out`` first and moved in last: a folder that has it
+        holds one complete run. What is to move is written down first, so a
+        run killed while its files move is completed by
+        :meth:`finish_publishing` (the next run does that).
         """
         import json
 

@@ -277,11 +277,8 @@ def _here(device: str) -> bool:
 
 
 def _host_threads(client: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for addr, n in client.nthreads().items():
-        host = urlparse(addr).hostname or ""
-        out[host] = out.get(host, 0) + int(n)
-    return out
+    hosts = [(urlparse(addr).hostname or "", int(n)) for addr, n in client.nthreads().items()]
+    return {host: sum(n for h, n in hosts if h == host) for host, _ in hosts}
 
 
 def _outcome(what: Any, log: Path) -> tuple[dict[str, Any] | None, BaseException | None]:
