@@ -232,12 +232,22 @@ def test_a_block_file_cut_short_counts_as_not_done(tmp_path):
 
 
 def test_resume_after_a_kill_while_files_move_finishes_that_run(tmp_path, monkeypatch, yolo_checkpoint):
+    import geopandas as gpd
+    import rasterio
+    import shapely
+
     import geoseg
     from geoseg.io.staging import Staging
 
     scene = write_raster(tmp_path / "scene.tif", smooth_image((3, 160, 200)))
+    with rasterio.open(scene) as ds:
+        b, crs = ds.bounds, ds.crs
+    zones = tmp_path / "zones.gpkg"
+    west = shapely.box(b.left, b.bottom, (b.left + b.right) / 2, b.top)
+    gpd.GeoDataFrame({"name": ["west"]}, geometry=[west], crs=crs).to_file(zones)
     out = tmp_path / "out"
-    opts = dict(model=yolo_checkpoint, device="cpu", tile_size=64, overlap=16, polygons=False)
+    opts = dict(model=yolo_checkpoint, device="cpu", tile_size=64, overlap=16, polygons=False, zones=zones,
+                zone_field="name")
     real_replace = os.replace
     moved: list[str] = []
 
@@ -258,6 +268,8 @@ def test_resume_after_a_kill_while_files_move_finishes_that_run(tmp_path, monkey
     assert json.loads((out / "run.json").read_text()) == staged
     assert res.tiles_run == staged["counts"]["tiles_run"] and res.pixels == 160 * 200
     assert res.timings == staged["timings"] and int(res.areas.pixels.sum()) == 160 * 200
+    written = json.loads((out / "stats.json").read_text())["zones"]
+    assert written and json.loads(json.dumps(res.areas.zone_rows())) == written  # the zone table, as written
     assert sorted(res.files) == sorted(["classes.tif", "classes.tif.aux.xml", "classes.qml", "stats.csv",
                                         "stats.json", "run.json"])
     assert not Staging(out).exists()

@@ -134,9 +134,11 @@ def published_result(out: Path) -> PredictResult:
     classes = list(c["class_pixels"])
     hist = np.array([*c["class_pixels"].values(), c["nodata_pixels"]], np.int64)
     files = {n: out / n for n in ALL_OUTPUTS if (out / n).exists()}
+    o = run["options"]
+    zones = o.get("zones") if o.get("zones") and Path(o["zones"]).exists() else None
+    areas = area_stats(out / "classes.tif", zones=zones, zone_field=o.get("zone_field") if zones else None)
     return PredictResult(out, files, classes, hist, c["tiles_run"], c["tiles_skipped_nodata"],
-                         float(run["timings"].get("total_s", 0.0)), run["timings"], area_stats(out / "classes.tif"),
-                         run.get("transfers", {}))
+                         float(run["timings"].get("total_s", 0.0)), run["timings"], areas, run.get("transfers", {}))
 
 
 def _step(progress: Any, name: str) -> None:

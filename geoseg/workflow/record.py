@@ -34,7 +34,7 @@ def run_record(plan: Plan, counts: Counts, vec: dict[str, Any], timings: dict[st
             "scheduler": c.scheduler if c.scheduler is None or isinstance(c.scheduler, str) else str(c.scheduler),
             "polygons": o.polygons, "min_area_m2": o.min_area, "simplify_m": o.simplify,
             "vector_format": o.vector_format, "zones": str(o.zones) if o.zones else None,
-            "quicklook": o.quicklook,
+            "zone_field": o.zone_field, "quicklook": o.quicklook,
         },
         "ground_resolution_and_tta": {k: v for k, v in plan.adapted.items() if k != "calibration"},
         "calibration": plan.adapted.get("calibration"),
