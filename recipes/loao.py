@@ -1,6 +1,7 @@
 """Leave-one-area-out: how well a recipe generalises to Dubai areas it has never seen.
 
     python recipes/loao.py recipes/dubai-n.yaml --out runs/loao [--epochs 20] [--tta d4] [key=value ...]
+    python recipes/loao.py recipes/dubai-n.yaml --then recipes/dubai-n-finetune.yaml --out runs/loao
 
 For each of the six Dubai areas (tile_1, 2, 4, 5, 7, 8) a model is trained
 with the recipe on the other five and evaluated on the left-out one through
@@ -18,7 +19,10 @@ left-out area's factor comes from its own masks: a stand-in for the ground
 resolution a georeferenced scene carries, so such a study measures the model
 with the scale known. Runs that finished are reused, so an interrupted study continues, and
 ``--tta flips|d4`` evaluates a finished study's models again with test-time
-augmentation (``geoseg val --tta``) without training them again.
+augmentation (``geoseg val --tta``) without training them again. With
+``--then RECIPE`` each fold's model is fine-tuned by a second recipe (from
+the first's last weights, on the same five areas) and that is what is
+scored; the first stage's runs are reused from an earlier study in ``--out``.
 """
 
 from __future__ import annotations
@@ -69,21 +73,27 @@ def fold_dataset(area: str, folder: Path, scales: dict[str, float] | None = None
     return path
 
 
+def train_once(recipe: Path, data: Path, run: Path, args: list[str]) -> Path:
+    """The last weights of ``recipe`` trained on ``data`` into ``run`` (reused when already there)."""
+    weights = run / "weights" / "last.safetensors"
+    if not weights.exists():
+        subprocess.run([sys.executable, "-m", "geoseg", "train", str(recipe), f"data.dataset={data}",
+                        f"train.output={run}", "train.val_every=0", *args], check=True)
+    return weights
+
+
 def run_fold(recipe: Path, area: str, out: Path, epochs: int | None, overrides: list[str],
-             tta: str = "none", scales: dict[str, float] | None = None) -> dict:
+             tta: str = "none", scales: dict[str, float] | None = None, then: Path | None = None) -> dict:
     folder = out / area
     folder.mkdir(parents=True, exist_ok=True)
     data = fold_dataset(area, folder, scales)
-    weights = folder / "run" / "weights" / "last.safetensors"
-    tag = "" if tta == "none" else f"-tta-{tta}"
+    tag = ("" if then is None else f"-then-{then.stem}") + ("" if tta == "none" else f"-tta-{tta}")
     result = folder / f"metrics{tag}.json"
     if result.exists():
         return json.loads(result.read_text())
-    if not weights.exists():
-        args = [f"data.dataset={data}", f"train.output={folder / 'run'}", "train.val_every=0", *overrides]
-        if epochs:
-            args.append(f"train.epochs={epochs}")
-        subprocess.run([sys.executable, "-m", "geoseg", "train", str(recipe), *args], check=True)
+    weights = train_once(recipe, data, folder / "run", [*overrides, *([f"train.epochs={epochs}"] if epochs else [])])
+    if then is not None:
+        weights = train_once(then, data, folder / f"then-{then.stem}", [f"model.init={weights}"])
     subprocess.run([sys.executable, "-m", "geoseg", "val", "--model", str(weights), "--data", str(data),
                     "--split", "test", "--tta", tta, "-o", str(folder / f"val{tag}")], check=True,
                    stdout=subprocess.DEVNULL)
@@ -101,6 +111,7 @@ def main() -> None:
     ap.add_argument("--areas", nargs="+", default=AREAS)
     ap.add_argument("--scale-norm", action="store_true",
                     help="resample each area to a common scale, estimated from its building sizes")
+    ap.add_argument("--then", type=Path, help="a second recipe that fine-tunes each fold's model")
     ap.add_argument("--tta", choices=["none", "flips", "d4"], default="none",
                     help="evaluate with test-time augmentation (geoseg val --tta)")
     args = ap.parse_intermixed_args()  # key=value overrides before or after the options
@@ -118,8 +129,9 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "scales.json").write_text(json.dumps(scales, indent=2))
         print("resampling factors:", scales)
+    then = args.then.resolve() if args.then else None
     folds = {a: run_fold(args.recipe.resolve(), a, args.out.resolve(), args.epochs, args.overrides, args.tta,
-                         scales) for a in args.areas}
+                         scales, then) for a in args.areas}
     names = list(NAMES.values())
     header = "| left out | mIoU | pixel acc. | " + " | ".join(names) + " |"
     lines = [header, "|" + "---|" * (3 + len(names))]
@@ -133,7 +145,8 @@ def main() -> None:
     lines.append(f"| **mean** | **{mean['miou']:.3f}** | {mean['pixel_accuracy']:.3f} | "
                  + " | ".join(f"{v:.3f}" for v in per_mean) + " |")
     print("\n".join(lines))
-    summary = args.out / ("loao.json" if args.tta == "none" else f"loao-tta-{args.tta}.json")
+    tag = ("" if then is None else f"-then-{then.stem}") + ("" if args.tta == "none" else f"-tta-{args.tta}")
+    summary = args.out / f"loao{tag}.json"
     summary.write_text(json.dumps({"folds": folds, "mean": mean, "class_mean": dict(zip(names, per_mean))},
                                   indent=2))
 

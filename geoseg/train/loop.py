@@ -175,7 +175,8 @@ def train(recipe: Recipe, *, recipe_dir: Path = Path("."), resume: bool = False,
         log(f"epoch {epoch + 1}: loss {row.get('loss', float('nan')):.4f}"
             + (f", val mIoU {score:.4f}" if score is not None else "") + f" ({row['seconds']:.0f} s)")
         summary = {"epoch": epoch + 1, "step": step, "best_val_miou": best if best >= 0 else None,
-                   "last": str(wdir / "last.safetensors"), "best": str(wdir / "best.safetensors")}
+                   "last": str(wdir / "last.safetensors"),
+                   "best": str(wdir / "best.safetensors") if best >= 0 else None}  # none without validation
     (out / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
     return summary
 
