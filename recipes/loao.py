@@ -1,7 +1,7 @@
 """Leave-one-area-out: how well a recipe generalises to Dubai areas it has never seen.
 
     python recipes/loao.py recipes/dubai-n.yaml --out runs/loao [--epochs 20] [--tta d4] [key=value ...]
-    python recipes/loao.py recipes/dubai-n.yaml --then recipes/dubai-n-finetune.yaml --out runs/loao
+    python recipes/loao.py recipes/dubai-n-all.yaml --then recipes/dubai-n-all-finetune.yaml --out runs/loao
 
 For each of the six Dubai areas (tile_1, 2, 4, 5, 7, 8) a model is trained
 with the recipe on the other five and evaluated on the left-out one through

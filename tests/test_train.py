@@ -53,6 +53,14 @@ def test_recipe_unknown_keys_name_the_path(tmp_path):
     assert r.train.epochs == 3 and r.data.batch == 2 and r.model.architecture == "geoseg-n-sem"
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load_and_name_files_that_exist(path):
+    r = load_recipe(Recipe, path, [])
+    assert (path.parent / r.data.dataset).exists()
+    for extra in r.data.extra_datasets:
+        assert (path.parent / extra).exists()
+
+
 @pytest.mark.slow
 def test_short_real_training_lowers_the_loss(tmp_path):
     shared("data/dubai/images")
