@@ -73,6 +73,11 @@ def fold_dataset(area: str, folder: Path, scales: dict[str, float] | None = None
     return path
 
 
+def study_tag(then: Path | None, tta: str) -> str:
+    """What tells a study's files apart: its second recipe and its test-time augmentation."""
+    return ("" if then is None else f"-then-{then.stem}") + ("" if tta == "none" else f"-tta-{tta}")
+
+
 def train_once(recipe: Path, data: Path, run: Path, args: list[str]) -> Path:
     """The last weights of ``recipe`` trained on ``data`` into ``run`` (reused when already there)."""
     weights = run / "weights" / "last.safetensors"
@@ -87,7 +92,7 @@ def run_fold(recipe: Path, area: str, out: Path, epochs: int | None, overrides: 
     folder = out / area
     folder.mkdir(parents=True, exist_ok=True)
     data = fold_dataset(area, folder, scales)
-    tag = ("" if then is None else f"-then-{then.stem}") + ("" if tta == "none" else f"-tta-{tta}")
+    tag = study_tag(then, tta)
     result = folder / f"metrics{tag}.json"
     if result.exists():
         return json.loads(result.read_text())
@@ -145,8 +150,7 @@ def main() -> None:
     lines.append(f"| **mean** | **{mean['miou']:.3f}** | {mean['pixel_accuracy']:.3f} | "
                  + " | ".join(f"{v:.3f}" for v in per_mean) + " |")
     print("\n".join(lines))
-    tag = ("" if then is None else f"-then-{then.stem}") + ("" if args.tta == "none" else f"-tta-{args.tta}")
-    summary = args.out / f"loao{tag}.json"
+    summary = args.out / f"loao{study_tag(then, args.tta)}.json"
     summary.write_text(json.dumps({"folds": folds, "mean": mean, "class_mean": dict(zip(names, per_mean))},
                                   indent=2))
 
