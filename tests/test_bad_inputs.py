@@ -84,7 +84,7 @@ CASES = [
     Case("bands-zero", P + " --bands 0", "band 0 does not exist"),
     Case("bands-99", P + " --bands 1,2,99", "band 99 does not exist"),
     Case("bands-empty-item", P + " --bands 1,,3", "comma-separated list"),
-    Case("bands-too-few", P + " --bands 1,2", "expects 3"),
+    Case("bands-too-few", P + " --bands 1,2", "--bands selects 2 bands but model"),
     # --- tiling and compute options
     Case("tile-size-zero", P + " --tile-size 0", "tile size must be a whole number >= 1"),
     Case("tile-size-negative", P + " --tile-size -64", "tile size must be a whole number >= 1"),
@@ -94,7 +94,7 @@ CASES = [
     Case("batch-size-zero", P + " --batch-size 0", "batch size must be"),
     Case("batch-size-negative", P + " --batch-size -2", "batch size must be"),
     Case("overlap-negative", P + " --overlap -5", "overlap must be"),
-    Case("overlap-too-large", P + " --overlap 500", "too large"),
+    Case("overlap-too-large", P + " --overlap 500", "it can be at most 64; use --overlap 64 or less"),
     Case("margin-too-large", P + " --margin 5000", "less than half the tile"),
     Case("margin-negative", P + " --margin -3", "margin must be"),
     Case("blend-unknown", P + " --blend nope", "unknown blend window"),
@@ -533,3 +533,21 @@ def test_debug_shows_the_original_exception(kit: dict[str, Path], tmp_path: Path
     assert error_line(CliRunner().invoke(cli, args), 2).startswith("Error: input raster")
     r = CliRunner().invoke(cli, ["--debug", *args, "--tile-size", "big"])  # click's own usage text
     assert r.exit_code == 2 and "Usage:" in r.stderr
+
+
+def test_an_output_folder_that_cannot_be_made_is_named_as_given(kit: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hidden staging folder is an implementation detail: the error names the --output folder."""
+    real_mkdir = Path.mkdir
+
+    def refuse(self: Path, *a: Any, **k: Any) -> None:
+        if self.name.endswith(".geoseg-partial"):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    out = tmp_path / "maps"
+    args = ["predict", str(kit["scene"]), "-o", str(out), "-q", "-m", str(kit["ckpt"]), "--device", "cpu"]
+    line = error_line(CliRunner().invoke(cli, args), 2)
+    assert line == f"Error: cannot create the output folder {out} (Read-only file system); choose another --output"
+    assert not out.exists()

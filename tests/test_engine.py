@@ -369,7 +369,28 @@ def test_segment_on_real_rasters_equals_predict(tmp_path):
     lazy = geoseg.segment(y.sel(band=[1, 2, 3]), model, mask=y.sel(band=4) > 0)
     res = geoseg.predict(ortho, tmp_path / "r", model=model, polygons=False)
     with rasterio.open(res.output / "classes.tif") as ds:
-        assert (lazy.values == ds.read(1)).mean() > 0.97
+        np.testing.assert_array_equal(lazy.values, ds.read(1))
+
+
+@pytest.mark.parametrize("d", [4, 7])
+def test_decimated_reads_average_each_cell_and_its_valid_pixels(tmp_path, d):
+    """Cells of d x d pixels, the last row and column partial (1003 x 871 px): each the mean of its valid pixels."""
+    data = np.maximum(smooth_image((3, 1003, 871), seed=4), 1)  # 0 only where nodata (GDAL's is per band)
+    data[:, :45, :] = 0  # nodata rows, ending inside a row of cells
+    data[:, 500:, 860:] = 0  # and a strip ending inside the partial last column of cells
+    path = write_raster(tmp_path / "n.tif", data, nodata=0)
+    h, w = -(-1003 // d), -(-871 // d)
+    got, ok = RasterSource(str(path), (1, 2, 3), decimation=d).read(slice(0, h), slice(0, w))
+    f = np.where((data != 0).any(axis=0), data.astype(np.float64), np.nan)
+    f = np.pad(f, ((0, 0), (0, h * d - 1003), (0, w * d - 871)), constant_values=np.nan)
+    with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
+        ref = np.nanmean(f.reshape(3, h, d, w, d), axis=(2, 4))
+    np.testing.assert_array_equal(ok, np.isfinite(ref[0]))
+    assert np.abs(got[:, ok] - ref[:, ok]).max() <= 0.5  # GDAL rounds the mean to the raster's integer type
+    # a window inside the raster reads the same cells
+    part, ok2 = RasterSource(str(path), (1, 2, 3), decimation=d).read(slice(3, h), slice(5, w))
+    np.testing.assert_array_equal(part, got[:, 3:, 5:])
+    np.testing.assert_array_equal(ok2, ok[3:, 5:])
 
 
 def test_raster_source_and_dask_source_agree_on_nodata(tmp_path):

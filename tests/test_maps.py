@@ -79,6 +79,24 @@ def test_resampled_tiles_see_the_model_resolution(cnn_model):
     assert (y.argmax(1)[:, 2::4, 2::4] == ref.argmax(1)).mean() > 0.95
 
 
+def test_tiling_options_under_gsd_are_checked_in_the_units_given(cnn_model):
+    """--overlap and --margin are in the model's pixels when the scene is resampled: errors speak of those."""
+    from geoseg.engine.adapters import at_ratio
+    from geoseg.engine.options import Tiling, check_tiling, max_overlap
+    from geoseg.errors import ConfigError
+
+    assert max_overlap(512, 32) == 256 and max_overlap(512) == 256 and max_overlap(96, 32) == 32
+    check_tiling(512, 256, 255, 32)
+    with pytest.raises(ConfigError, match="at most 256; use --overlap 256 or less"):
+        at_ratio(cnn_model.backend, 3.637, Tiling(512, 600))
+    with pytest.raises(ConfigError, match="margin 1000 .* half the tile \\(512 px\\); use --margin 255"):
+        at_ratio(cnn_model.backend, 3.637, Tiling(512, None, margin=1000))
+    for ratio in (1.2987, 1.3, 3.637, 0.61):  # the largest values the user may give stay valid once scaled
+        runner, tiled = at_ratio(cnn_model.backend, ratio, Tiling(512, 256, margin=255))
+        check_tiling(tiled.tile, tiled.overlap, tiled.margin)
+        assert tiled.tile == runner.native_tile
+
+
 def _dubai_crop():
     img_path = shared("data/dubai/images/tile_8_image_part_005.jpg")
     mask_path = shared("data/dubai/masks/tile_8_image_part_005.png")

@@ -275,13 +275,19 @@ def at_ratio(runner: Any, ratio: float, tiling: Any) -> tuple[Any, Any]:
         raise ConfigError(f"model {card.name!r} only accepts {card.tile_size}-px tiles; drop --tile-size")
     if model_tile % card.pad_multiple:
         raise ConfigError(f"tile size {model_tile} is not a multiple of the model's pad_multiple {card.pad_multiple}")
+    from .options import check_tiling, default_overlap
+
+    # checked here, in the model's pixels the user gave them in; in the scene's they are only scaled
+    check_tiling(model_tile, default_overlap(model_tile) if tiling.overlap is None else tiling.overlap,
+                 tiling.margin, card.pad_multiple)
     runner = AtGroundResolution(runner, ratio, model_tile)
+    native = runner.native_tile
 
-    def scale(v: int | None) -> int | None:
-        return None if v is None else int(round(v * ratio))
+    def scale(v: int | None, top: int) -> int | None:
+        return None if v is None else min(top, int(round(v * ratio)))
 
-    return runner, dataclasses.replace(tiling, tile=runner.native_tile, overlap=scale(tiling.overlap),
-                                       margin=scale(tiling.margin))
+    return runner, dataclasses.replace(tiling, tile=native, overlap=scale(tiling.overlap, native // 2),
+                                       margin=scale(tiling.margin, (native - 1) // 2))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -134,6 +134,23 @@ class RunOptions:
         return w
 
 
+def max_overlap(tile: int, pad_multiple: int = 1) -> int:
+    """The largest overlap a ``tile``-px tile takes: the stride (a multiple of ``pad_multiple``) is at least half."""
+    p = max(1, int(pad_multiple))
+    return max(0, tile - -(-tile // (2 * p)) * p)
+
+
+def check_tiling(tile: int, overlap: int, margin: int | None, pad_multiple: int = 1) -> None:
+    """Overlap and margin against the tile, in the units the user gave them (the model's pixels)."""
+    if overlap > (top := max_overlap(tile, pad_multiple)):
+        raise ConfigError(f"overlap {overlap} is too large for tile size {tile}: it can be at most {top}; "
+                          f"use --overlap {top} or less, or leave it out for the default "
+                          f"({min(top, default_overlap(tile))})")
+    if margin is not None and 2 * margin >= tile:
+        raise ConfigError(f"margin {margin} must be less than half the tile ({tile} px); use --margin "
+                          f"{(tile - 1) // 2} or less, or leave it out for the default ({default_margin(overlap)})")
+
+
 def resolve(card: Any, shape: tuple[int, int], tiling: Tiling, *, batch_size: int,
             confidence: bool = False, grid: Grid | None = None, block_target: int = 1024) -> tuple[Layout, RunOptions]:
     """One resolution of the tiling options for ``card`` over a grid of ``shape`` (rows, cols).
@@ -148,9 +165,7 @@ def resolve(card: Any, shape: tuple[int, int], tiling: Tiling, *, batch_size: in
     if card.fixed_size and tile != card.tile_size:
         raise ConfigError(f"model {card.name!r} only accepts {card.tile_size}-px tiles; drop --tile-size")
     ov = default_overlap(tile) if tiling.overlap is None else tiling.overlap
-    if tiling.margin is not None and 2 * tiling.margin >= tile:
-        raise ConfigError(f"margin {tiling.margin} must be less than half the tile ({tile} px); use a smaller "
-                          f"--margin or leave it out for the default ({default_margin(ov)})")
+    check_tiling(tile, ov, tiling.margin, card.pad_multiple)
     from affine import Affine
 
     layout = Layout.create(grid or Grid(shape, Affine.identity()), tile=tile, overlap=ov,

@@ -74,12 +74,17 @@ def describe(raster: Sequence[str | None]) -> str:
     return ", ".join(f"{i}={n or '?'}" for i, n in enumerate(raster, 1))
 
 
-def band_mismatch(src: str, use: Sequence[int], raster: Sequence[str | None], card: Any) -> BandCountError:
-    """The error for a band count the model does not take, with a hint that is only as sure as the names."""
+def band_mismatch(src: str, use: Sequence[int], raster: Sequence[str | None], card: Any,
+                  chosen: bool = False) -> BandCountError:
+    """The error for a band count the model does not take, with a hint that is only as sure as the names.
+
+    ``chosen``: the bands were picked with ``--bands`` (the raster may have enough; the choice has not).
+    """
     wanted = list(card.bands or [])
     expect = f" ({', '.join(wanted)})" if wanted else ""
-    head = f"{src} has {len(use)} data bands but model {card.name!r} expects {card.in_channels}{expect}"
-    if len(use) < card.in_channels:
+    what = f"--bands selects {len(use)} bands" if chosen else f"{src} has {len(use)} data bands"
+    head = f"{what} but model {card.name!r} expects {card.in_channels}{expect}"
+    if len(use) < card.in_channels and (not chosen or len(raster) < card.in_channels):
         return BandCountError(f"{head}; use a raster with the bands the model was trained on")
     hit = match_bands(raster, wanted) if wanted else None
     if hit:

@@ -79,9 +79,9 @@ class RasterSource:
     workers as a plain path.
 
     With ``decimation`` d > 1 the source is read on the raster's grid
-    coarsened by d (:meth:`Grid.coarsened`): each pixel is the average of d × d
-    raster pixels (GDAL's average resampling), its validity the mode of
-    theirs; :meth:`native_mask` gives validity at full resolution.
+    coarsened by d (:meth:`Grid.coarsened`): each pixel is the average of the
+    valid pixels of its d × d cell (GDAL's average resampling), valid where
+    any of them is; :meth:`native_mask` gives validity at full resolution.
     """
 
     path: str
@@ -124,20 +124,46 @@ class RasterSource:
         cidx = reflect_index(np.arange(cols.start, cols.stop), w)
         r0, r1 = int(ridx.min()), int(ridx.max()) + 1
         c0, c1 = int(cidx.min()), int(cidx.max()) + 1
-        win = Window(c0 * d, r0 * d, min(c1 * d, ds.width) - c0 * d, min(r1 * d, ds.height) - r0 * d)
-        shape = None if d == 1 else (r1 - r0, c1 - c0)  # None: as stored
-        data = ds.read(list(self.bands), window=win, out_shape=shape and (len(self.bands), *shape),
-                       resampling=Resampling.average)
-        if self._all_valid(ds):
-            valid = np.ones(data.shape[1:], dtype=bool)
+        if d == 1:
+            win = Window(c0, r0, c1 - c0, r1 - r0)
+            data = ds.read(list(self.bands), window=win)
+            valid = (np.ones(data.shape[1:], dtype=bool) if self._all_valid(ds) else ds.dataset_mask(window=win) > 0)
         else:
-            valid = ds.dataset_mask(window=win, out_shape=shape, resampling=Resampling.mode) > 0
+            data, valid = self._read_cells(ds, r0, r1, c0, c1)
         if data.dtype.kind in "fc":
             valid &= np.isfinite(data).all(axis=0)
         inside = rows.start >= 0 and rows.stop <= h and cols.start >= 0 and cols.stop <= w
         if not inside:
             data = data[:, ridx - r0][:, :, cidx - c0]
             valid = valid[ridx - r0][:, cidx - c0]
+        return data, valid
+
+    def _read_cells(self, ds: Any, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cells [r0, r1) x [c0, c1) of the d-coarsened grid: the mean of each cell's valid pixels
+        (GDAL's average honours nodata and masks) and whether it has any.
+
+        The last row and column of cells may be partial (the raster's edge):
+        they are read apart, so that GDAL averages exactly each cell's pixels
+        rather than stretching the window over whole cells. (GDAL rounds the
+        averaged mask: beyond d = 22, a cell with under d² / 510 valid pixels
+        reads as invalid.)
+        """
+        d = self.decimation
+        data = np.zeros((len(self.bands), r1 - r0, c1 - c0), dtype=ds.dtypes[self.bands[0] - 1])
+        valid = np.ones(data.shape[1:], dtype=bool)
+        whole_r, whole_c = ds.height // d, ds.width // d
+        for ra, rb in ((r0, min(r1, whole_r)), (max(r0, whole_r), r1)):
+            for ca, cb in ((c0, min(c1, whole_c)), (max(c0, whole_c), c1)):
+                if ra >= rb or ca >= cb:
+                    continue
+                win = Window(ca * d, ra * d, min(cb * d, ds.width) - ca * d, min(rb * d, ds.height) - ra * d)
+                at = np.s_[ra - r0 : rb - r0, ca - c0 : cb - c0]
+                data[:, at[0], at[1]] = ds.read(list(self.bands), window=win,
+                                                   out_shape=(len(self.bands), rb - ra, cb - ca),
+                                                   resampling=Resampling.average)
+                if not self._all_valid(ds):  # a cell is valid where any of its pixels is
+                    valid[at] = ds.dataset_mask(window=win, out_shape=(rb - ra, cb - ca),
+                                                resampling=Resampling.average) > 0
         return data, valid
 
     def _all_valid(self, ds: Any) -> bool:

@@ -45,7 +45,11 @@ class Staging:
         """Start empty (a leftover of an earlier run is removed: nothing in it was ever published)."""
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
+        try:
+            self.dir.mkdir(parents=True)
+        except OSError as e:  # the staging folder is ours: name the folder the user asked for
+            raise ConfigError(f"cannot create the output folder {self.out} ({e.strerror or e}); "
+                              "choose another --output") from None
 
     #: written into the staging folder once a run is complete, before its files move
     PUBLISHING = "publishing.json"

@@ -208,7 +208,7 @@ def _choose_bands(src: str, bands: Sequence[int | str] | None, names: list[str |
     if bad:
         raise ConfigError(f"band {bad[0]} does not exist; {src} has bands 1..{count}")
     if len(use) != card.in_channels:
-        raise band_mismatch(src, use, names, card)
+        raise band_mismatch(src, use, names, card, chosen=bool(bands))
     return use
 
 
