@@ -370,6 +370,10 @@ def test_segment_on_real_rasters_equals_predict(tmp_path):
     res = geoseg.predict(ortho, tmp_path / "r", model=model, polygons=False)
     with rasterio.open(res.output / "classes.tif") as ds:
         np.testing.assert_array_equal(lazy.values, ds.read(1))
+        # infer on the file runs at the model's ground resolution too: the same map
+        np.testing.assert_array_equal(model.infer(ortho)[0], ds.read(1))
+    with rasterio.open(tmp_path / "q" / "classes.tif") as ds:
+        np.testing.assert_array_equal(model.infer(ortho, gsd="off")[0], ds.read(1))
 
 
 @pytest.mark.parametrize("d", [4, 7])

@@ -151,6 +151,12 @@ def test_infer_matches_predict_for_in_memory_images(tmp_path, cnn_model):
     assert conf.shape == classes.shape and conf.dtype == np.float32
     c2, _ = cnn_model.infer(path)
     assert np.array_equal(c2, classes)
+    res = geoseg.predict(path, tmp_path / "t", model=cnn_model, tta="flips", polygons=False)
+    with rasterio.open(res.output / "classes.tif") as ds:
+        flipped = ds.read(1)
+    assert not np.array_equal(flipped, classes)  # the flips change the map, and infer applies them as predict does
+    assert np.array_equal(cnn_model.infer(image, tta="flips")[0], flipped)
+    assert np.array_equal(cnn_model.infer(path, tta="flips")[0], flipped)
 
 
 def test_gdal_block_cache_is_capped_in_bytes_while_predicting(tmp_path, cnn_model, monkeypatch):

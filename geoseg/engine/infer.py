@@ -7,17 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from affine import Affine
 
 from ..errors import BandCountError, ConfigError
+from ..geometry.grid import Grid
 from ..io.raster import data_bands, open_raster
 from ..models.backends import torch_threads_kept
+from .adapters import adapt
 from .blocks import as_runnable, predict_array
 from .lazy import valid_mask
 from .options import Tiling, resolve
 
 
 def infer(model: Any, image: Any, *, tile_size: int | None = None, overlap: int | None = None,
-          blend: Any = "hann", margin: int | None = None, batch_size: int = 4) -> tuple[Any, Any]:
+          blend: Any = "hann", margin: int | None = None, batch_size: int = 4, gsd: str | float = "auto",
+          tta: str = "none") -> tuple[Any, Any]:
     """Class map (H, W) uint8 and confidence (H, W) float32 for an in-memory image.
 
     ``image`` is a (C, H, W) array of raw values (scaled by the card), a
@@ -25,24 +29,24 @@ def infer(model: Any, image: Any, *, tile_size: int | None = None, overlap: int 
     its grid, see :func:`geoseg.segment` — or a path to a raster small
     enough to hold in memory; use :func:`geoseg.predict` for scenes of any
     size. Pixels marked nodata (GDAL's mask, or NaN) get class 255 and
-    confidence -1.
+    confidence -1. ``gsd`` and ``tta`` are predict's: a raster file or a
+    georeferenced DataArray is run at the model's ground resolution, as
+    ``geoseg predict`` runs it (same map); a bare array has no ground
+    resolution and is run as it is.
     """
     net = as_runnable(model)
     if _is_dataarray(image):
-        from .lazy import segment
-
-        ds = segment(image, net, tile_size=tile_size, overlap=overlap, blend=blend, margin=margin,
-                     batch_size=batch_size, confidence=True)
-        with torch_threads_kept():
-            ds = ds.compute(scheduler="sync")
-        return ds["classes"], ds["confidence"]
+        return _infer_lazy(net, image, None, tile_size=tile_size, overlap=overlap, blend=blend, margin=margin,
+                           batch_size=batch_size, gsd=gsd, tta=tta)
     valid = None
     if isinstance(image, (str, Path)):
         with open_raster(image) as src:
             arr = src.read(data_bands(src))
             valid = src.dataset_mask() > 0
+            grid = Grid.from_rio(src)
     elif isinstance(image, np.ndarray):
         arr = image if image.ndim == 3 else image[None]
+        grid = None
     else:
         raise ConfigError(f"infer takes a (C, H, W) array, a DataArray or a raster path, not {type(image).__name__}")
     card = net.card
@@ -51,12 +55,31 @@ def infer(model: Any, image: Any, *, tile_size: int | None = None, overlap: int 
     if arr.dtype.kind == "f":
         finite = valid_mask(arr, None)
         valid = finite if valid is None else valid & finite
-    layout, opts = resolve(card, arr.shape[1:], Tiling(tile_size, overlap, blend, margin),
-                           batch_size=batch_size, confidence=True)
+    if grid is not None and grid.crs is not None and gsd != "off" and card.gsd:
+        # the file's grid may ask for resampling (and for d x d cells first): the lazy engine does both
+        import rioxarray  # noqa: F401 - the .rio accessor
+        import xarray as xr
+
+        x = xr.DataArray(arr, dims=("band", "y", "x")).rio.write_crs(grid.crs).rio.write_transform(grid.transform)
+        classes, conf = _infer_lazy(net, x, valid, tile_size=tile_size, overlap=overlap, blend=blend,
+                                    margin=margin, batch_size=batch_size, gsd=gsd, tta=tta)
+        return classes.values, conf.values
+    asked = Tiling(tile_size, overlap, blend, margin, gsd, tta)
+    runner, tiling, _ = adapt(net, asked, Grid(arr.shape[1:], Affine.identity(), None))
+    layout, opts = resolve(runner.card, arr.shape[1:], tiling, batch_size=batch_size, confidence=True)
     with torch_threads_kept():
-        out = predict_array(arr, net, opts, valid=valid)
+        out = predict_array(arr, runner, opts, valid=valid)
     assert out.confidence is not None
     return out.classes, out.confidence
+
+
+def _infer_lazy(net: Any, x: Any, mask: Any, **options: Any) -> tuple[Any, Any]:
+    from .lazy import segment
+
+    ds = segment(x, net, mask=mask, confidence=True, **options)
+    with torch_threads_kept():
+        ds = ds.compute(scheduler="sync")
+    return ds["classes"], ds["confidence"]
 
 
 def _is_dataarray(x: Any) -> bool:
