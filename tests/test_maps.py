@@ -218,8 +218,14 @@ def test_coarse_model_gsd_writes_the_scene_in_bounded_pieces(tmp_path, monkeypat
     pieces = geoseg.predict(ortho, tmp_path / "pieces", model="geoseg-landcover-n", device="cpu", polygons=False,
                             confidence=True)
     run = json.loads((pieces.output / "run.json").read_text())
-    d, block = run["ground_resolution_and_tta"]["decimation"], run["options"]["block_size"]
+    d, block = run["ground_resolution_and_tta"]["decimation"], run["layout"]["block_size"]
     assert d > 1 and scene_piece(block * d)[0] <= 64 < block * d  # really in pieces
+    # the record speaks of the scene and of the options as given; the layout is on the d x d cells
+    gr = run["ground_resolution_and_tta"]
+    assert gr["scene_gsd_m"] == pytest.approx(0.02, rel=0.05) and gr["run_gsd_m"] == pytest.approx(0.8)
+    assert gr["ratio"] == pytest.approx(0.8 / gr["scene_gsd_m"]) and gr["native_tile"] == round(512 * gr["ratio"])
+    assert (run["options"]["tile_size"], run["options"]["overlap"], run["options"]["margin"]) == (512, 64, 16)
+    assert run["layout"]["pixel"] == f"{d}x{d} cells" and abs(run["layout"]["tile"] - gr["native_tile"] / d) <= 1
     for name in ("classes.tif", "confidence.tif"):
         with rasterio.open(whole.output / name) as a, rasterio.open(pieces.output / name) as b:
             np.testing.assert_array_equal(a.read(1), b.read(1))

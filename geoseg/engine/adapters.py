@@ -261,6 +261,7 @@ def adapt(net: Any, tiling: Any, grid: Any) -> tuple[Any, Any, dict[str, Any]]:
         return runner, tiling, info
     runner, tiling = at_ratio(runner, ratio, tiling)
     info["ratio"] = ratio
+    info["run_gsd_m"] = scene * ratio if scene else None  # the ground resolution the model runs at
     info["native_tile"] = runner.native_tile
     return runner, tiling, info
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..engine.adapters import MAX_NATIVE_TILE, AdaptedSpec, adapt
 from ..engine.calibrate import MIN_TILES, block_target, calibrate
-from ..engine.options import Compute, RunOptions, Tiling, resolve
+from ..engine.options import Compute, RunOptions, Tiling, default_margin, default_overlap, resolve
 from ..errors import ConfigError, OutputExistsError
 from ..geometry.grid import Grid, Layout
 from ..io.bands import band_mismatch, match_bands, parse_bands, raster_band_names
@@ -165,7 +165,14 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
         d = math.ceil(tiled.tile / MAX_NATIVE_TILE)  # read d x d-pixel cells: tiles stay small
         work = grid.coarsened(d)
         target = tiling.gsd if tiling.gsd != "auto" else float(net.card.gsd or 0)
+        scene = adapted
         runner, tiled, adapted = adapt(net, replace(tiling, gsd=target), work)
+        # the record speaks of the scene (its pixel size, the ratio and tile in its pixels), not of the cells
+        adapted.update({k: scene[k] for k in ("scene_gsd_m", "ratio", "native_tile")})
+    if adapted["ratio"] is not None:  # tile, overlap and margin as given: in the model's pixels
+        ov = default_overlap(runner.model_tile) if tiling.overlap is None else tiling.overlap
+        adapted["model_tiling"] = {"tile_size": runner.model_tile, "overlap": ov,
+                                   "margin": default_margin(ov) if tiling.margin is None else tiling.margin}
     adapted["decimation"] = d
     adapted["gsd"] = tiling.gsd
     tiling = tiled
@@ -191,7 +198,7 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
         model_ref = AdaptedSpec(ModelSpec(_absolute(spec.model), _absolute(spec.card) if spec.card else None,
                                           compute.device, compute.streams, compute.precision,
                                           getattr(spec, "runtime", "auto")),
-                                adapted["tta"], adapted["ratio"], getattr(runner, "model_tile", None))
+                                adapted["tta"], getattr(runner, "ratio", None), getattr(runner, "model_tile", None))
     path = str(Path(src).resolve()) if Path(str(src)).exists() else str(src)
     return Plan(str(src), path, out, grid, use, net, runner, model_ref, str(card) if card else None, layout, opts,
                 compute, outputs, engine, adapted)

@@ -24,9 +24,11 @@ def run_record(plan: Plan, counts: Counts, vec: dict[str, Any], timings: dict[st
                  "crs": plan.grid.crs.to_string() if plan.grid.crs else None},
         "options": {
             "model": getattr(getattr(plan.net, "spec", None), "model", mc.name), "card": plan.card_path,
-            "tile_size": layout.tile, "overlap": layout.overlap, "stride": layout.stride,
-            "block_size": layout.block, "blend": blend if isinstance(blend, str) else repr(blend),
-            "margin": plan.opts.resolved_margin, "batch_size": plan.opts.batch_size, "device": plan.net.device,
+            # as given (in the model's pixels where the scene is resampled; "layout" has the engine's)
+            **plan.adapted.get("model_tiling", {"tile_size": layout.tile, "overlap": layout.overlap,
+                                                "margin": plan.opts.resolved_margin}),
+            "blend": blend if isinstance(blend, str) else repr(blend),
+            "batch_size": plan.opts.batch_size, "device": plan.net.device,
             "engine": plan.engine, "precision": getattr(plan.net, "precision", "fp32"),
             "runtime": runtime_of(plan.net),
             "streams": plan.net.streams, "threads_per_stream": plan.net.threads, "bands": plan.bands,
@@ -36,7 +38,12 @@ def run_record(plan: Plan, counts: Counts, vec: dict[str, Any], timings: dict[st
             "vector_format": o.vector_format, "zones": str(o.zones) if o.zones else None,
             "zone_field": o.zone_field, "quicklook": o.quicklook,
         },
-        "ground_resolution_and_tta": {k: v for k, v in plan.adapted.items() if k != "calibration"},
+        # the tiles the engine lays out, in pixels of the grid it reads: the scene's, or its d x d cells
+        "layout": {"tile": layout.tile, "overlap": layout.overlap, "stride": layout.stride,
+                   "margin": plan.opts.resolved_margin, "block_size": layout.block,
+                   "pixel": "scene" if plan.decimation == 1 else f"{plan.decimation}x{plan.decimation} cells"},
+        "ground_resolution_and_tta": {k: v for k, v in plan.adapted.items() if k not in ("calibration",
+                                                                                       "model_tiling")},
         "calibration": plan.adapted.get("calibration"),
         "vectorize": vec,
         "model_card": mc.to_dict(),
