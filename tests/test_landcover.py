@@ -1,5 +1,6 @@
 """Polygons merged across blocks == whole-raster polygons; areas; formats; CLI."""
 
+import csv
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ from pyproj import Geod
 from rasterio import features
 from shapely.geometry import shape
 
+from geoseg.errors import ConfigError
 from geoseg.post.landcover import area_stats, sieve, vectorize, write_stats
 
 from .conftest import shared, smooth_image, write_raster
@@ -138,8 +140,34 @@ def test_zones_split_areas(tmp_path):
     west = table.zone_area_m2["west"]
     for c in range(5):
         assert west[c] == pytest.approx((m[:, : w // 2] == c).sum() * 0.25)
+        assert table.zone_pixels["west"][c] == (m[:, : w // 2] == c).sum()
     csv_path, json_path = write_stats(table, tmp_path)
-    assert "west" in csv_path.read_text() and json.loads(json_path.read_text())["zones"]
+    rows = [r for r in csv.DictReader(csv_path.open()) if r["zone"] == "west"]
+    assert [int(r["pixels"]) for r in rows] == [(m[:, : w // 2] == c).sum() for c in range(5)]
+    assert json.loads(json_path.read_text())["zones"][0]["pixels"] == int(rows[0]["pixels"])
+
+
+def test_zones_from_a_geoseg_geopackage_and_files_with_several_layers(tmp_path):
+    """polygons.gpkg holds its QGIS style table beside the polygons: the polygons are the zones, quietly."""
+    import warnings
+
+    import geopandas as gpd
+
+    path, m = class_raster(tmp_path)
+    gpkg = vectorize(path, tmp_path / "v")["path"]
+    assert len(pyogrio.list_layers(gpkg)) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pyogrio warns when it has to pick a layer itself
+        table = area_stats(path, zones=gpkg, zone_field="class_name")
+    for c, name in enumerate(table.classes):
+        if (m == c).any():  # a class's polygons cover exactly its pixels
+            assert table.zone_pixels[name][c] == (m == c).sum()
+    two = tmp_path / "two.gpkg"
+    box = shapely.box(UTM.c, UTM.f - 1, UTM.c + 1, UTM.f)
+    for layer in ("a", "b"):
+        gpd.GeoDataFrame({"name": [layer]}, geometry=[box], crs="EPSG:32640").to_file(two, layer=layer)
+    with pytest.raises(ConfigError, match="2 layers with geometries \\(a, b\\); copy the one"):
+        area_stats(path, zones=two)
 
 
 def test_sieve_removes_small_regions_consistently(tmp_path):

@@ -48,7 +48,8 @@ def _bands(value: str | None) -> list[int | str] | None:
 @click.option("--batch-size", type=int, help="Tiles per forward pass [default: sized to the device].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--streams", type=click.IntRange(min=1),
-              help="Forward passes run at once; on CPU each gets cores/streams threads [default: 2 on CPU].")
+              help="Forward passes run at once; on CPU each gets cores/streams threads [default on CPU: "
+                   "calibrated per model and machine for scenes of 64+ tiles, else 2].")
 @click.option("--precision", default="auto", show_default=True,
               type=click.Choice(["auto", "fp16", "bf16", "fp32"]), help="Autocast type on a GPU (auto: fp16).")
 @click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "blocks", "device"]),

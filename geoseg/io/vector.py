@@ -174,6 +174,20 @@ def embed_qgis_style(gpkg: Path, layer: str, qml: str, name: str = "geoseg") -> 
         con.close()
 
 
+def zones_layer(path: Path) -> str:
+    """The layer of a zones file to read: its only layer with geometries (a GeoPackage that geoseg wrote
+    holds its style table beside the polygons)."""
+    import pyogrio
+
+    layers = [str(name) for name, geom in pyogrio.list_layers(path) if geom]
+    if len(layers) == 1:
+        return layers[0]
+    if not layers:
+        raise ConfigError(f"zones file {path} has no layer with geometries; pass polygons to --zones")
+    raise ConfigError(f"zones file {path} has {len(layers)} layers with geometries ({', '.join(layers)}); "
+                      f"copy the one to use into a file of its own (ogr2ogr zones.gpkg {path} LAYER)")
+
+
 def rasterize_on(shapes: list[Any], grid: Any, *, fill: int, dtype: str) -> np.ndarray:
     """``(geometry, value)`` pairs burnt into an array on ``grid`` (a :class:`~geoseg.geometry.grid.Grid`).
 

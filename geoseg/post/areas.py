@@ -55,6 +55,7 @@ class AreaTable:
     pixels: np.ndarray = field(init=False)
     area_m2: np.ndarray = field(init=False)
     zone_area_m2: dict[Any, np.ndarray] = field(default_factory=dict)
+    zone_pixels: dict[Any, np.ndarray] = field(default_factory=dict)
     nodata: int = NODATA
 
     def __post_init__(self) -> None:
@@ -82,10 +83,13 @@ class AreaTable:
             inz = valid & (zones > 0)
             z = zones[inz].astype(np.int64) - 1
             flat = np.bincount(z * k + cls[inz], weights=weights[inz], minlength=len(zone_ids) * k)
+            count = np.bincount(z * k + cls[inz], minlength=len(zone_ids) * k)
             for zi, zid in enumerate(zone_ids):
                 part = flat[zi * k : (zi + 1) * k]
                 if part.any():
                     self.zone_area_m2[zid] = self.zone_area_m2.get(zid, np.zeros(k)) + part
+                    self.zone_pixels[zid] = (self.zone_pixels.get(zid, np.zeros(k, np.int64))
+                                             + count[zi * k : (zi + 1) * k])
 
     def rows(self) -> list[dict[str, Any]]:
         total = self.area_m2.sum()
@@ -99,7 +103,9 @@ class AreaTable:
         out = []
         for zid, areas in self.zone_area_m2.items():
             tot = areas.sum()
+            pixels = self.zone_pixels[zid]
             for i, (n, a) in enumerate(zip(self.classes, areas)):
-                out.append({"zone": zid, "class_id": i, "class_name": n, "area_m2": float(a),
+                out.append({"zone": zid, "class_id": i, "class_name": n, "pixels": int(pixels[i]),
+                            "area_m2": float(a),
                             "area_ha": float(a) / 1e4, "percent": 100.0 * a / tot if tot else 0.0})
         return out

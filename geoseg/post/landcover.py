@@ -23,7 +23,7 @@ from ..geometry.grid import Grid
 from ..geometry.units import NODATA, metres_to_crs_units
 from ..io.raster import BlockWriter, bounded_gdal_cache, open_raster
 from ..io.styles import categorized_polygons_qml, write_text_atomic
-from ..io.vector import PolygonWriter, rasterize_on, vector_format
+from ..io.vector import PolygonWriter, rasterize_on, vector_format, zones_layer
 from .areas import AreaTable, row_pixel_areas
 from .polygons import Batch, polygonize_raster
 
@@ -483,7 +483,7 @@ def _zones(path: str | Path, field: str | None, grid: Grid) -> tuple[list[Any], 
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"zones file {p} does not exist; check --zones")
-    gdf = pyogrio.read_dataframe(p)
+    gdf = pyogrio.read_dataframe(p, layer=zones_layer(p))
     if grid.crs is not None and gdf.crs is not None and gdf.crs != grid.crs:
         gdf = gdf.to_crs(grid.crs)
     if field is not None and field not in gdf.columns:
@@ -504,7 +504,7 @@ def write_stats(table: AreaTable, directory: Path, *, source: str = "") -> tuple
         for r in rows:
             w.writerow({"zone": "", **r})
         for r in table.zone_rows():
-            w.writerow({**r, "pixels": ""})
+            w.writerow(r)
     tmp.replace(csv_path)
     total = float(table.area_m2.sum())
     doc = {"source": source, "valid_area_m2": total, "valid_area_ha": total / 1e4,

@@ -23,7 +23,7 @@ from ..geometry.grid import Grid, Layout
 from ..io.bands import band_mismatch, match_bands, parse_bands, raster_band_names
 from ..io.raster import RasterSource, data_bands, open_raster
 from ..io.staging import check_output_dir
-from ..io.vector import vector_format
+from ..io.vector import vector_format, zones_layer
 from ..models.backends import Backend, TorchBackend, auto_batch_size, available_cores
 from ..models.loading import ModelSpec, load_model
 
@@ -250,7 +250,9 @@ def _check_zones(path: Path, field: str | None) -> None:
     if not path.exists():
         raise ConfigError(f"zones file {path} does not exist; check --zones")
     try:
-        info = pyogrio.read_info(path)
+        info = pyogrio.read_info(path, layer=zones_layer(path))
+    except ConfigError:
+        raise
     except Exception:
         raise ConfigError(f"zones file {path} is not a vector file GDAL can read; pass a GeoPackage, "
                           "GeoJSON or shapefile") from None
