@@ -1,5 +1,7 @@
 """The same job on a real dask.distributed cluster (scheduler + worker processes on 127.0.0.1)."""
 
+import json
+
 import numpy as np
 import pytest
 import rasterio
@@ -16,28 +18,30 @@ def test_cluster_result_equals_local_result(tmp_path, yolo_checkpoint, monkeypat
 
     from geoseg.geometry.grid import Layout
 
-    # Blocks of 480 px (a block target of 512 instead of 1024): a wavefront of 2 x 3 blocks, in
-    # which (0, 1) and (1, 0), then (0, 2) and (1, 1), can run at the same time. dask first queues
+    # Blocks of about 256 px (a block target of 256 instead of 1024): a wavefront of 20 blocks in
+    # bands of rows (each band one submission, its last strips carried to the next), whose
+    # anti-diagonals hold up to four blocks that can run at the same time. dask first queues
     # a block on the worker holding its inputs; the other, idle worker then steals it, as blocks
-    # take far longer than moving their strips. The layout is made here and shipped with the tasks.
+    # take far longer than moving their strips (64-px tiles, each run four times with --tta flips,
+    # make sure of that). The layout is made here and shipped with the tasks.
     create = Layout.create.__func__
     monkeypatch.setattr(Layout, "create", classmethod(
-        lambda cls, grid, **kw: create(cls, grid, **{**kw, "block_target": 512})))
+        lambda cls, grid, **kw: create(cls, grid, **{**kw, "block_target": 256})))
     scene = write_raster(tmp_path / "scene.tif", smooth_image((3, 960, 1440), seed=9))
-    local = geoseg.predict(scene, tmp_path / "local", model=yolo_checkpoint, device="cpu",
-                           confidence=True)
+    local = geoseg.predict(scene, tmp_path / "local", model=yolo_checkpoint, device="cpu", tile_size=64,
+                           tta="flips", confidence=True)
     with dask.config.set({"distributed.scheduler.work-stealing-interval": "10ms"}), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                          dashboard_address=None) as cluster, Client(cluster) as client:
         client.get_task_stream()  # the scheduler records every task from now on
         remote = geoseg.predict(scene, tmp_path / "cluster", model=str(yolo_checkpoint), device="cpu",
-                                scheduler=cluster.scheduler_address, confidence=True)
+                                scheduler=cluster.scheduler_address, confidence=True, tile_size=64, tta="flips")
         stream = client.get_task_stream()
         blocks = [t for t in stream if str(t["key"]).startswith("geoseg-block-")]
         polygon_tasks = [t for t in stream if "polygonize" in str(t["key"])]
         models = client.run(lambda: len(__import__("geoseg.models.loading", fromlist=["x"])._PROCESS_CACHE))
         workers = set(client.scheduler_info()["workers"])
-    assert len(blocks) == 6
+    assert len(blocks) == json.loads((remote.output / "run.json").read_text())["counts"]["blocks"] >= 20
     assert len(workers) == 2 and {t["worker"] for t in blocks} == workers, "both workers ran blocks"
     assert sorted(models.values()) == [1, 1], "each worker loaded the model from its path, once"
     assert polygon_tasks and {t["worker"] for t in polygon_tasks} <= workers, "polygons ran on the cluster too"

@@ -81,8 +81,11 @@ def test_resampled_tiles_see_the_model_resolution(cnn_model):
 
 def test_tiling_options_under_gsd_are_checked_in_the_units_given(cnn_model):
     """--overlap and --margin are in the model's pixels when the scene is resampled: errors speak of those."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
     from geoseg.engine.adapters import at_ratio
-    from geoseg.engine.options import Tiling, check_tiling, max_overlap
+    from geoseg.engine.options import Tiling, check_tiling, max_overlap, resolve
     from geoseg.errors import ConfigError
 
     assert max_overlap(512, 32) == 256 and max_overlap(512) == 256 and max_overlap(96, 32) == 32
@@ -95,6 +98,15 @@ def test_tiling_options_under_gsd_are_checked_in_the_units_given(cnn_model):
         runner, tiled = at_ratio(cnn_model.backend, ratio, Tiling(512, 256, margin=255))
         check_tiling(tiled.tile, tiled.overlap, tiled.margin)
         assert tiled.tile == runner.native_tile
+    # each scene tile is resampled to the model's tile: no pad_multiple applies to the overlap
+    card32 = replace(cnn_model.card, pad_multiple=32)
+    wrapped = SimpleNamespace(card=card32)
+    at_ratio(wrapped, 2.0, Tiling(160, 70))  # 80 is half the tile; the stride need not be a multiple of 32
+    runner, small = at_ratio(wrapped, 2.0, Tiling(32))  # no overlap given: the engine's default, within the tile
+    layout, _ = resolve(runner.card, (300, 300), small, batch_size=1)
+    assert layout.tile == 64 and layout.overlap == 16
+    layout, _ = resolve(replace(card32, tile_size=32), (300, 300), Tiling(), batch_size=1)
+    assert layout.overlap == 0  # a 32-px tile of a stride-32 model takes no overlap: the default says so
 
 
 def _dubai_crop():

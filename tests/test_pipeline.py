@@ -157,6 +157,12 @@ def test_infer_matches_predict_for_in_memory_images(tmp_path, cnn_model):
     assert not np.array_equal(flipped, classes)  # the flips change the map, and infer applies them as predict does
     assert np.array_equal(cnn_model.infer(image, tta="flips")[0], flipped)
     assert np.array_equal(cnn_model.infer(path, tta="flips")[0], flipped)
+    # --gsd METRES runs a model whose card names no ground resolution at that one, in infer as in predict
+    res = geoseg.predict(path, tmp_path / "g", model=cnn_model, gsd=1.5, polygons=False)
+    with rasterio.open(res.output / "classes.tif") as ds:
+        coarse = ds.read(1)
+    assert not np.array_equal(coarse, classes)
+    assert np.array_equal(cnn_model.infer(path, gsd=1.5)[0], coarse)
 
 
 def test_gdal_block_cache_is_capped_in_bytes_while_predicting(tmp_path, cnn_model, monkeypatch):

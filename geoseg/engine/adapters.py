@@ -276,11 +276,11 @@ def at_ratio(runner: Any, ratio: float, tiling: Any) -> tuple[Any, Any]:
         raise ConfigError(f"model {card.name!r} only accepts {card.tile_size}-px tiles; drop --tile-size")
     if model_tile % card.pad_multiple:
         raise ConfigError(f"tile size {model_tile} is not a multiple of the model's pad_multiple {card.pad_multiple}")
-    from .options import check_tiling, default_overlap
+    from .options import check_tiling
 
-    # checked here, in the model's pixels the user gave them in; in the scene's they are only scaled
-    check_tiling(model_tile, default_overlap(model_tile) if tiling.overlap is None else tiling.overlap,
-                 tiling.margin, card.pad_multiple)
+    # what the user gave, checked in the model's pixels they gave it in (the scene's tiles, cut on its own
+    # grid, have no pad_multiple: each is resampled to model_tile); in the scene's pixels it is only scaled
+    check_tiling(model_tile, tiling.overlap or 0, tiling.margin)
     runner = AtGroundResolution(runner, ratio, model_tile)
     native = runner.native_tile
 

@@ -13,7 +13,7 @@ from ..errors import BandCountError, ConfigError
 from ..geometry.grid import Grid
 from ..io.raster import data_bands, open_raster
 from ..models.backends import torch_threads_kept
-from .adapters import adapt
+from .adapters import GroundResolutionWarning, adapt
 from .blocks import as_runnable, predict_array
 from .lazy import valid_mask
 from .options import Tiling, resolve
@@ -55,17 +55,20 @@ def infer(model: Any, image: Any, *, tile_size: int | None = None, overlap: int 
     if arr.dtype.kind == "f":
         finite = valid_mask(arr, None)
         valid = finite if valid is None else valid & finite
-    if grid is not None and grid.crs is not None and gsd != "off" and card.gsd:
-        # the file's grid may ask for resampling (and for d x d cells first): the lazy engine does both
+    asked = Tiling(tile_size, overlap, blend, margin, gsd, tta)
+    runner, tiling, info = adapt(net, asked, grid or Grid(arr.shape[1:], Affine.identity(), None))
+    if grid is not None and info["ratio"] is not None:
+        # resampled to the model's ground resolution (after d x d cells where it is far coarser): as
+        # predict reads it, which the lazy engine does for an in-memory array
         import rioxarray  # noqa: F401 - the .rio accessor
         import xarray as xr
 
         x = xr.DataArray(arr, dims=("band", "y", "x")).rio.write_crs(grid.crs).rio.write_transform(grid.transform)
-        classes, conf = _infer_lazy(net, x, valid, tile_size=tile_size, overlap=overlap, blend=blend,
-                                    margin=margin, batch_size=batch_size, gsd=gsd, tta=tta)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GroundResolutionWarning)  # adapt() above has said it once
+            classes, conf = _infer_lazy(net, x, valid, tile_size=tile_size, overlap=overlap, blend=blend,
+                                        margin=margin, batch_size=batch_size, gsd=gsd, tta=tta)
         return classes.values, conf.values
-    asked = Tiling(tile_size, overlap, blend, margin, gsd, tta)
-    runner, tiling, _ = adapt(net, asked, Grid(arr.shape[1:], Affine.identity(), None))
     layout, opts = resolve(runner.card, arr.shape[1:], tiling, batch_size=batch_size, confidence=True)
     with torch_threads_kept():
         out = predict_array(arr, runner, opts, valid=valid)

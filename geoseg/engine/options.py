@@ -140,12 +140,17 @@ def max_overlap(tile: int, pad_multiple: int = 1) -> int:
     return max(0, tile - -(-tile // (2 * p)) * p)
 
 
+def overlap_for(tile: int, pad_multiple: int = 1) -> int:
+    """The default overlap of a ``tile``-px tile: :func:`default_overlap`, within what the tile takes."""
+    return min(default_overlap(tile), max_overlap(tile, pad_multiple))
+
+
 def check_tiling(tile: int, overlap: int, margin: int | None, pad_multiple: int = 1) -> None:
     """Overlap and margin against the tile, in the units the user gave them (the model's pixels)."""
     if overlap > (top := max_overlap(tile, pad_multiple)):
         raise ConfigError(f"overlap {overlap} is too large for tile size {tile}: it can be at most {top}; "
                           f"use --overlap {top} or less, or leave it out for the default "
-                          f"({min(top, default_overlap(tile))})")
+                          f"({overlap_for(tile, pad_multiple)})")
     if margin is not None and 2 * margin >= tile:
         raise ConfigError(f"margin {margin} must be less than half the tile ({tile} px); use --margin "
                           f"{(tile - 1) // 2} or less, or leave it out for the default ({default_margin(overlap)})")
@@ -164,7 +169,7 @@ def resolve(card: Any, shape: tuple[int, int], tiling: Tiling, *, batch_size: in
         raise ConfigError(f"tile size {tile} is larger than {MAX_TILE} px; use --tile-size {card.tile_size}")
     if card.fixed_size and tile != card.tile_size:
         raise ConfigError(f"model {card.name!r} only accepts {card.tile_size}-px tiles; drop --tile-size")
-    ov = default_overlap(tile) if tiling.overlap is None else tiling.overlap
+    ov = overlap_for(tile, card.pad_multiple) if tiling.overlap is None else tiling.overlap
     check_tiling(tile, ov, tiling.margin, card.pad_multiple)
     from affine import Affine
 

@@ -148,13 +148,20 @@ def stream_blocks(source: Source, model_ref: Any, layout: Layout, opts: RunOptio
 
 def _run_band_on_cluster(client: Any, tasks: dict[tuple[int, int], Any], last: list[Any],
                          sink: Sink) -> list[tuple[Any, Any]]:
-    from distributed import as_completed
+    from distributed import wait
 
     keys = list(tasks)
-    futures = client.compute([tasks[k][0] for k in keys])
-    strip_futures = client.compute(last)
-    index = {f.key: k for f, k in zip(futures, keys)}
-    for fut, blk in as_completed(futures, with_results=True):
-        sink(index[fut.key], blk)
-        fut.release()
-    return [tuple(x) for x in client.gather(strip_futures)]
+    # one submission for the blocks and the strips the next band needs: two graphs sharing the
+    # blocks' keys would race on the scheduler (the first may release a key the second still needs)
+    submitted = client.compute([*(tasks[k][0] for k in keys), *(x for pair in last for x in pair)])
+    futures, strip_futures = submitted[: len(keys)], submitted[len(keys) :]
+    pending = dict(zip(futures, keys))
+    # wait() rather than as_completed(with_results=True), which once in a few dozen runs kept waiting
+    # for a block the scheduler already held in memory
+    while pending:
+        done = wait(list(pending), return_when="FIRST_COMPLETED").done
+        for fut in done:
+            sink(pending.pop(fut), fut.result())
+            fut.release()
+    strips = client.gather(strip_futures)
+    return list(zip(strips[0::2], strips[1::2]))

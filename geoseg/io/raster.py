@@ -140,7 +140,9 @@ class RasterSource:
 
     def _read_cells(self, ds: Any, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
         """Cells [r0, r1) x [c0, c1) of the d-coarsened grid: the mean of each cell's valid pixels
-        (GDAL's average honours nodata and masks) and whether it has any.
+        (GDAL's average honours nodata and masks; a band's own nodata value per band, and rounded to
+        the raster's type) and whether it has any. A NaN that no declared nodata covers spreads
+        over its cell, which then reads as invalid.
 
         The last row and column of cells may be partial (the raster's edge):
         they are read apart, so that GDAL averages exactly each cell's pixels

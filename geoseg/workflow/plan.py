@@ -17,7 +17,7 @@ from typing import Any
 
 from ..engine.adapters import MAX_NATIVE_TILE, AdaptedSpec, adapt
 from ..engine.calibrate import MIN_TILES, block_target, calibrate
-from ..engine.options import Compute, RunOptions, Tiling, default_margin, default_overlap, resolve
+from ..engine.options import Compute, RunOptions, Tiling, resolve
 from ..errors import ConfigError, OutputExistsError
 from ..geometry.grid import Grid, Layout
 from ..io.bands import band_mismatch, match_bands, parse_bands, raster_band_names
@@ -169,13 +169,9 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
         runner, tiled, adapted = adapt(net, replace(tiling, gsd=target), work)
         # the record speaks of the scene (its pixel size, the ratio and tile in its pixels), not of the cells
         adapted.update({k: scene[k] for k in ("scene_gsd_m", "ratio", "native_tile")})
-    if adapted["ratio"] is not None:  # tile, overlap and margin as given: in the model's pixels
-        ov = default_overlap(runner.model_tile) if tiling.overlap is None else tiling.overlap
-        adapted["model_tiling"] = {"tile_size": runner.model_tile, "overlap": ov,
-                                   "margin": default_margin(ov) if tiling.margin is None else tiling.margin}
     adapted["decimation"] = d
     adapted["gsd"] = tiling.gsd
-    tiling = tiled
+    asked, tiling = tiling, tiled
     mc = runner.card
     bs = compute.batch_size or auto_batch_size(net.device, net.card.tile_size if tiling.tile is None else
                                                min(tiling.tile, net.card.tile_size), mc.in_channels)
@@ -186,6 +182,12 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
         engine == "device" else 1024
     layout, opts = resolve(mc, work.shape, tiling, batch_size=bs, confidence=outputs.confidence, grid=work,
                            block_target=target)
+    if adapted["ratio"] is not None:  # tile, overlap and margin as given (or defaulted): in the model's pixels
+        r = runner.ratio  # pixels of the grid read per model pixel
+        adapted["model_tiling"] = {
+            "tile_size": runner.model_tile,
+            "overlap": round(layout.overlap / r) if asked.overlap is None else asked.overlap,
+            "margin": round(opts.resolved_margin / r) if asked.margin is None else asked.margin}
     if cpu and compute.streams is None and not isinstance(model, Backend) and \
             layout.tiles[0] * layout.tiles[1] >= MIN_TILES:
         tile = layout.tile if adapted["ratio"] is None else runner.model_tile
