@@ -227,10 +227,35 @@ def test_bad_scheduler_addresses_are_one_line(tmp_path):
     r = batch([str(scene), "-o", str(tmp_path / "out"), "--scheduler", "not an address", *CLI])
     assert r.returncode == 2 and error_lines(r.stderr) == r.stderr.strip().splitlines()
     assert "is not a dask scheduler address" in r.stderr
-    r = batch([str(scene), "-o", str(tmp_path / "out"), "--scheduler", f"tcp://127.0.0.1:{free_port()}",
-               "--timeout", "2", *CLI])
+    assert "leave it out for a local cluster of worker processes" in r.stderr
+    port = free_port()
+    r = batch([str(scene), "-o", str(tmp_path / "out"), "--scheduler", f"tcp://127.0.0.1:{port}", *CLI])
     assert r.returncode == 2 and len(error_lines(r.stderr)) == 1, r.stderr
-    assert "cannot reach dask scheduler" in r.stderr
+    assert "cannot reach dask scheduler" in r.stderr and "connection refused" in r.stderr
+    assert not (tmp_path / "out").exists(), "nothing written before the scheduler answers"
+    # predict alike: at once, and no hidden partial folder left beside the output
+    from click.testing import CliRunner
+
+    from geoseg.cli.main import cli
+
+    res = CliRunner().invoke(cli, ["predict", str(scene), "-o", str(tmp_path / "p"), "-q",
+                                   "--scheduler", f"tcp://127.0.0.1:{port}"])
+    assert res.exit_code == 2 and "connection refused" in res.stderr
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["s.tif"]
+
+
+@pytest.mark.slow
+def test_a_scene_geoseg_refuses_fails_once_with_its_own_message(tmp_path):
+    """Not a raster: no retry can mend it, so it is tried once and reported as predict would say it."""
+    good = crop(ORTHO, tmp_path / "good.tif", Window(0, 0, 256, 256))
+    notes = tmp_path / "notes.tif"
+    notes.write_text("not a raster")
+    r = batch([str(good), str(notes), "-o", str(tmp_path / "out"), "--workers", "1", *CLI])
+    m = manifest(tmp_path / "out")
+    assert r.returncode == 1 and m["good"]["status"] == "done", r.stderr
+    assert m["notes"]["status"] == "failed" and m["notes"]["attempts"] == 1
+    assert m["notes"]["error"].startswith(f"{notes} is not a raster GDAL can read"), m["notes"]["error"]
+    assert "Traceback" not in r.stderr and "Compute Failed" not in r.stderr, r.stderr
 
 
 # --- one job of many scenes, through a killed worker and a corrupt input --------------------------------------

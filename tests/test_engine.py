@@ -425,3 +425,17 @@ def test_device_engine_resumes_to_the_same_classes(tmp_path, yolo_checkpoint, mo
     resumed = geoseg.predict(path, tmp_path / "x", resume=True, **opts)
     full = geoseg.predict(path, tmp_path / "y", **opts)
     assert (resumed.output / "classes.tif").read_bytes() == (full.output / "classes.tif").read_bytes()
+
+
+def test_run_options_travel_without_their_window():
+    """Cluster tasks carry the options: the blending window (megabytes at large tiles) is made again there."""
+    import pickle
+
+    from geoseg.engine.options import RunOptions
+
+    opts = RunOptions(1862, 232, "hann", 4, False, None)
+    window = opts.window()
+    data = pickle.dumps(opts)
+    assert len(data) < 2000 < window.nbytes
+    back = pickle.loads(data)
+    assert back == opts and np.array_equal(back.window(), window)

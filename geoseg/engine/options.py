@@ -125,6 +125,13 @@ class RunOptions:
     def resolved_margin(self) -> int:
         return default_margin(self.overlap) if self.margin is None else self.margin
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the window is made again where it is used: a cluster's tasks carry the options, not megabytes
+        return {k: v for k, v in self.__dict__.items() if k != "_window"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     def window(self) -> np.ndarray:
         """The (tile, tile) blending window these options describe (made once, shared: do not modify)."""
         w = self.__dict__.get("_window")

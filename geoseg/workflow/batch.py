@@ -21,19 +21,19 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import ConfigError, DeviceError, GeosegError
-from ..io.staging import Staging, check_output_dir
-from ..io.styles import write_text_atomic
+from ..io.staging import check_output_dir
 from ..io.vector import vector_format
 from ..models.backends import OnnxBackend, available_cores, resolve_device
-from ..models.loading import ModelSpec, cached_model, load_model
+from ..models.loading import ModelSpec, load_model
 from ..models.onnx_runtime import wants_onnx
-from .plan import check_scheduler, split_options
+from .plan import check_scheduler, probe_scheduler, split_options
+from .scene_task import note_attempt, one_line_error, predict_resuming, result_path, run_scene
 from .sources import Scene, absolute, expand_sources, model_file, scene_pixels
 from .stac import Finished, Manifest, now, verified, write_job_outputs
 
@@ -66,7 +66,7 @@ class Cluster:
     timeout: float = 120.0
 
     def __post_init__(self) -> None:
-        check_scheduler(self.scheduler)
+        check_scheduler(self.scheduler, without="a local cluster of worker processes")
         for name, flag, low in (("workers", "--workers", 1), ("threads_per_worker", "--threads-per-worker", 1),
                                 ("retries", "--retries", 0), ("large_scene", "--large-scene", 1)):
             v = getattr(self, name)
@@ -108,105 +108,6 @@ class BatchResult:
         if self.stopped:
             line += f", {len(unfinished)} not finished: {self.stopped}"
         return f"{line}; see {self.root / MANIFEST}"
-
-
-def one_line_error(exc: BaseException) -> str:
-    """An exception as one line for the manifest and the summary."""
-    name = type(exc).__name__
-    if name == "KilledWorker":
-        return ("every worker that ran it died (KilledWorker): the scene may need more memory than a worker "
-                "has, or crashes the process; see the worker logs")
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= 300 else text[:299] + "…"
-    return text if isinstance(exc, GeosegError) and text else f"{name}: {text}" if text else name
-
-
-# --- in the worker ----------------------------------------------------------------------------------------------
-
-
-def _note_attempt(log: str) -> str:
-    try:
-        from distributed import get_worker
-
-        where = get_worker().address
-    except (ImportError, ValueError):
-        where = "client"
-    with open(log, "a") as f:
-        f.write(f"{now()}\t{where}\t{os.getpid()}\n")
-    return where
-
-
-def _budget(host_threads: dict[str, int]) -> tuple[int, int]:
-    """(intra-op threads per forward pass, block threads) for one scene on this worker.
-
-    A node's cores are shared among all worker threads on it. In a daemonic
-    worker process (dask's default, under a nanny) a scene gets one block
-    thread: its polygons could not use a pool of processes there.
-    """
-    import multiprocessing
-
-    cores = available_cores()
-    try:
-        from distributed import get_worker
-
-        w = get_worker()
-        slots = host_threads.get(urlparse(w.address).hostname or "", 0) or w.state.nthreads
-    except (ImportError, ValueError):
-        slots = 1
-    share = max(1, cores // max(1, slots))
-    return share, 1 if multiprocessing.current_process().daemon else share
-
-
-def predict_resuming(src: str, out: Path, **kwargs: Any) -> tuple[Any, bool]:
-    """``predict`` that continues an interrupted run into ``out`` when there is one (else starts over)."""
-    from .predict import predict
-
-    if not Staging(out).exists():
-        return predict(src, out, **kwargs), False
-    try:
-        return predict(src, out, resume=True, **kwargs), True
-    except ConfigError:
-        if not Staging(out).exists():
-            raise
-        return predict(src, out, resume=False, **kwargs), False  # the partial run used other inputs
-
-
-def _already_done(out: Path, href: str, spec: ModelSpec, names: Sequence[str], started: str,
-                  worker: str) -> dict[str, Any] | None:
-    """What an earlier attempt published, when its worker died before reporting it (nothing is run again)."""
-    from .plan import ALL_OUTPUTS
-
-    if not verified(out, href, spec.model, names):
-        return None
-    run = json.loads((out / "run.json").read_text())
-    return {"outputs": [n for n in ALL_OUTPUTS if (out / n).exists()], "pixels": run["counts"]["pixels"],
-            "started": started, "finished": now(), "worker": worker, "resumed": True,
-            "timings": {"seconds": 0.0, **run.get("timings", {})}}
-
-
-def run_scene(scene: dict[str, Any], out: str, spec: ModelSpec, options: dict[str, Any], overwrite: bool,
-              log: str, host_threads: dict[str, int], names: Sequence[str] = ()) -> dict[str, Any]:
-    """One scene on a worker: its outputs in ``out``; what happened, for the manifest."""
-    started = now()
-    worker = _note_attempt(log)
-    done = _already_done(Path(out), scene["href"], spec, names, started, worker) if names else None
-    if done is None:
-        threads, blocks = _budget(host_threads)
-        if spec.streams is None and resolve_device(spec.device) == "cpu":
-            spec = replace(spec, streams=max(1, available_cores() // threads))
-        t0 = time.perf_counter()
-        res, resumed = predict_resuming(scene["href"], Path(out), model=cached_model(spec), overwrite=overwrite,
-                                        num_workers=blocks, **options)
-        done = {"outputs": sorted(res.files), "pixels": res.pixels, "started": started, "finished": now(),
-                "worker": worker, "resumed": resumed, "timings": {"seconds": time.perf_counter() - t0, **res.timings}}
-    # also on disk: the client reads it there, so a worker lost after the scene costs nothing
-    write_text_atomic(result_path(log), json.dumps(done))
-    return done
-
-
-def result_path(log: str | Path) -> Path:
-    """Where a scene's task leaves what it returns, beside its attempt log."""
-    return Path(log).with_suffix(".result.json")
 
 
 # --- in the client ----------------------------------------------------------------------------------------------
@@ -353,6 +254,8 @@ class Job:
             on_connect: Callable[[str | None], None] | None = None) -> BatchResult:
         """Run every scene that is not complete yet, then write the job outputs."""
         t0 = time.perf_counter()
+        if self.cluster.scheduler:
+            probe_scheduler(self.cluster.scheduler)  # before the job folder or its manifest is written
         self.root.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         old = Manifest.previous(self.root / MANIFEST)
@@ -388,7 +291,7 @@ class Job:
 
     def _entry(self, sc: Scene) -> dict[str, Any]:
         return {**sc.to_dict(), "status": "running", "attempts": 0, "workers": [], "pixels": None,
-                "timings": {}, "outputs": [], "error": None, "reused": False, "large": False}
+                "timings": {}, "outputs": [], "error": None, "reused": False, "resumed": False, "large": False}
 
     def _triage(self, old: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[Scene]]:
         """Manifest entries of every scene, and the scenes to run (those not complete and verified)."""
@@ -468,8 +371,9 @@ class Job:
                 try:
                     res = self._predict_large(client, sc, log, bool(self.options.get("overwrite")) or sc.id in rerun)
                 except Exception as e:
-                    if attempt == self.cluster.retries or self.state.stopping:
+                    if attempt == self.cluster.retries or self.state.stopping or isinstance(e, GeosegError):
                         events.put((sc.id, ("error", e)))
+                        break
                 else:
                     events.put((sc.id, ("ok", res)))
                     break
@@ -481,7 +385,7 @@ class Job:
 
         import dask
 
-        started, worker = now(), _note_attempt(str(log))
+        started, worker = now(), note_attempt(str(log))
         total = self.sizes.get(sc.id) or 0
 
         def blocks_done(done: int, n: int) -> None:
@@ -554,13 +458,15 @@ class Job:
         e = self.manifest.entries[sid]
         res, err = _outcome(what, self.logs / f"{sid}.attempts")
         e["attempts"], e["workers"] = self._attempts(sid)
-        if res is not None:
+        refused = res is not None and "error" in res  # a scene that geoseg refused, with its one-line reason
+        if res is not None and not refused:
             timings = {**e.get("timings", {}), "started": res["started"], "finished": res["finished"],
                        **res["timings"]}
             e.update(status="done", outputs=res["outputs"], pixels=res["pixels"], error=None,
                      resumed=res["resumed"], timings=timings)
         else:
-            e.update(status="failed", error=one_line_error(err) if err is not None else "failed",
+            why = res["error"] if res is not None else one_line_error(err) if err is not None else "failed"
+            e.update(status="failed", error=why,
                      timings={**e.get("timings", {}), "finished": now()})
         self.state.done_px += self.sizes.get(sid) or e.get("pixels") or 0
         self.manifest.write()

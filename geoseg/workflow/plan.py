@@ -126,14 +126,30 @@ def block_threads(compute: Compute, net: Any) -> int:
     return compute.num_workers or max(available_cores(), net.streams) + 1
 
 
-def check_scheduler(scheduler: Any) -> None:
+def check_scheduler(scheduler: Any, without: str = "local threads") -> None:
+    """A ``--scheduler`` that is an address; ``without`` says what leaving it out gives."""
     if is_local(scheduler) or not isinstance(scheduler, str):
         return
     if not _SCHEDULER.match(scheduler):
         raise ConfigError(
             f"--scheduler {scheduler!r} is not a dask scheduler address; use e.g. tcp://127.0.0.1:8786 "
-            "(or leave it out for local threads)"
+            f"(or leave it out for {without})"
         )
+
+
+def probe_scheduler(scheduler: str, timeout: float = 10.0) -> None:
+    """Fail at once, with one line, where nothing listens at a tcp:// scheduler address (a refused
+    connection would otherwise be retried until the client's timeout)."""
+    import socket
+
+    m = re.match(r"^(?:tcp://)?\[?([^\s/\]]+?)\]?:(\d+)/?$", scheduler)
+    if m is None:  # tls://, ucx://, ...: the client says
+        return
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout).close()
+    except OSError as e:
+        reason = "connection refused" if isinstance(e, ConnectionRefusedError) else (str(e) or type(e).__name__)
+        raise ConfigError(f"cannot reach dask scheduler {scheduler}: {reason}; is it running?") from None
 
 
 def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None, tiling: Tiling,

@@ -92,11 +92,12 @@ def predict(src: str | Path, output: str | Path | None = None, *, model: Any, ca
         return published_result(out)
     plan = make_plan(src, out, model=model, card=card, tiling=tiling, compute=compute, outputs=outputs,
                      bands=bands)
-    staging = _open_staging(plan, resume)
-    if plan.outputs.polygons:
-        preload("geoseg.io.vector", "pyogrio.raw")  # the polygons' writer, imported while the blocks run
-    scheduler, client = stages.connect(plan.compute.scheduler)
+    scheduler, client = stages.connect(plan.compute.scheduler)  # a scheduler nobody runs: nothing written
+    staging: Staging | None = None
     try:
+        staging = _open_staging(plan, resume)
+        if plan.outputs.polygons:
+            preload("geoseg.io.vector", "pyogrio.raw")  # the polygons' writer, imported while the blocks run
         t_setup = time.perf_counter()
         counts = _inference_step(plan, staging, progress, scheduler)
         t_infer = time.perf_counter()
@@ -113,7 +114,7 @@ def predict(src: str | Path, output: str | Path | None = None, *, model: Any, ca
         names = outputs.names()
         staging.publish(names, replace=ALL_OUTPUTS if outputs.overwrite else ())
     except BaseException:
-        if not staging.journal.done() and not staging.journal.steps():
+        if staging is not None and not staging.journal.done() and not staging.journal.steps():
             staging.discard()  # nothing worth resuming
         raise
     finally:

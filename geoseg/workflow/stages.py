@@ -23,7 +23,7 @@ from ..io.raster import BlockWriter, class_tags
 from ..io.staging import Journal
 from ..io.styles import hex_color, paletted_raster_qml, write_text_atomic
 from ..models.backends import available_cores, torch_threads_kept
-from .plan import Plan, block_threads
+from .plan import Plan, block_threads, probe_scheduler
 
 
 @dataclass
@@ -49,6 +49,7 @@ def connect(scheduler: Any) -> tuple[Any, Any]:
     if isinstance(scheduler, str):
         from distributed import Client
 
+        probe_scheduler(scheduler)
         try:
             return (c := Client(scheduler, timeout="20s")), c
         except (OSError, TimeoutError, ValueError) as e:
