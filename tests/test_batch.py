@@ -244,6 +244,26 @@ def test_bad_scheduler_addresses_are_one_line(tmp_path):
     assert sorted(q.name for q in tmp_path.iterdir()) == ["s.tif"]
 
 
+def test_only_errors_no_retry_mends_are_final(tmp_path):
+    from geoseg.errors import (
+        BandCountError,
+        ConfigError,
+        DeviceError,
+        InputNotFoundError,
+        ModelNotFoundError,
+        NotARasterError,
+    )
+    from geoseg.workflow.scene_task import permanent
+
+    local = tmp_path / "notes.tif"
+    local.write_text("x")
+    assert permanent(NotARasterError("x"), str(local))  # a local file GDAL cannot read
+    assert not permanent(NotARasterError("x"), "https://example.com/scene.tif")  # a server may answer next time
+    assert permanent(ConfigError("no CRS"), str(local)) and permanent(BandCountError("2 bands"), str(local))
+    for transient in (InputNotFoundError("x"), ModelNotFoundError("x"), DeviceError("x"), RuntimeError("x")):
+        assert not permanent(transient, str(local))  # a node without the mount, the model or a working GPU
+
+
 @pytest.mark.slow
 def test_a_scene_geoseg_refuses_fails_once_with_its_own_message(tmp_path):
     """Not a raster: no retry can mend it, so it is tried once and reported as predict would say it."""

@@ -1,5 +1,7 @@
 """Parity: tiled == whole image, streaming (dask) == eager; nodata; georeferencing."""
 
+import time
+
 import numpy as np
 import pytest
 import rasterio
@@ -234,3 +236,48 @@ def test_predict_puts_torch_thread_count_back(tmp_path, cnn_model):
     geoseg.predict(path, tmp_path / "o", model=net, polygons=False)
     net.infer(smooth_image((3, 70, 60)))
     assert torch.get_num_threads() == before
+
+
+class _FailingSource(RasterSource):
+    """Every block but those of the first column fails to read."""
+
+    def read(self, rows, cols):
+        if cols.start > 0:
+            raise RuntimeError("the disk went away")
+        return super().read(rows, cols)
+
+
+@pytest.mark.slow
+def test_a_failed_cluster_run_leaves_nothing_a_later_run_picks_up(tmp_path, yolo_checkpoint):
+    """Two runs on one client: the second gets its own blocks, never those a failed first run left behind."""
+    from distributed import Client, LocalCluster
+
+    from geoseg.models.loading import ModelSpec
+
+    spec = ModelSpec(str(yolo_checkpoint), device="cpu", runtime="torch")
+    model = spec.load()
+    image = smooth_image((3, 301, 419), seed=4)
+    paths = (write_raster(tmp_path / "a.tif", smooth_image((3, 301, 419), seed=3)),
+             write_raster(tmp_path / "b.tif", image))
+    with rasterio.open(paths[1]) as ds:
+        layout = Layout.create(Grid.from_rio(ds), tile=64, overlap=16, pad_multiple=32, block_target=96)
+    opts = RunOptions(64, 16, "hann", 3, False)
+    classes = np.full(layout.grid.shape, 254, np.uint8)
+
+    def sink(ij, blk):
+        classes[layout.block_slices(*ij)] = blk.classes
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        with pytest.raises(RuntimeError, match="disk went away"):
+            stream_blocks(_FailingSource(str(paths[0]), (1, 2, 3)), spec, layout, opts, sink, scheduler=client)
+        for _ in range(100):  # the failed run cancelled what it had submitted (the scheduler forgets soon after)
+            if not client.run_on_scheduler(lambda dask_scheduler: [k for k in dask_scheduler.tasks
+                                                                   if "geoseg-block" in str(k)]):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the failed run's blocks are still on the scheduler")
+        classes[:] = 254
+        stream_blocks(RasterSource(str(paths[1]), (1, 2, 3)), spec, layout, opts, sink, scheduler=client)
+    assert np.array_equal(classes, predict_array(image, model, opts).classes)

@@ -123,8 +123,11 @@ def stream_blocks(source: Source, model_ref: Any, layout: Layout, opts: RunOptio
             raise ValueError(f"unknown local scheduler {scheduler!r}; use 'threads' or 'sync'")
         return
 
+    from uuid import uuid4
+
     nbi, nbj = layout.blocks
     band = max(2, -(-band_tasks // nbj))
+    run_id = uuid4().hex[:12]  # keys of this run only: another run on the client never gets its results
     carry: list[tuple[Any, Any]] | None = None  # (bottom, corner) of the row above the band
     for i0 in range(0, nbi, band):
         i1 = min(i0 + band, nbi)
@@ -140,7 +143,7 @@ def stream_blocks(source: Source, model_ref: Any, layout: Layout, opts: RunOptio
                 left = tasks[i, j - 1][1][1] if j > 0 else None
                 tasks[i, j] = dask.delayed(process_block, pure=False, nout=2)(
                     source, model_ref, layout, opts, i, j, top, left, corner, None,
-                    dask_key_name=f"geoseg-block-{i}-{j}",
+                    dask_key_name=f"geoseg-block-{run_id}-{i}-{j}",
                 )
         last = [(tasks[i1 - 1, j][1][0], tasks[i1 - 1, j][1][2]) for j in range(nbj)]
         carry = _run_band_on_cluster(scheduler, tasks, last, sink)
@@ -156,12 +159,16 @@ def _run_band_on_cluster(client: Any, tasks: dict[tuple[int, int], Any], last: l
     submitted = client.compute([*(tasks[k][0] for k in keys), *(x for pair in last for x in pair)])
     futures, strip_futures = submitted[: len(keys)], submitted[len(keys) :]
     pending = dict(zip(futures, keys))
-    # wait() rather than as_completed(with_results=True), which once in a few dozen runs kept waiting
-    # for a block the scheduler already held in memory
-    while pending:
-        done = wait(list(pending), return_when="FIRST_COMPLETED").done
-        for fut in done:
-            sink(pending.pop(fut), fut.result())
-            fut.release()
-    strips = client.gather(strip_futures)
+    try:
+        # wait() rather than as_completed(with_results=True), which once in a few dozen runs kept waiting
+        # for a block the scheduler already held in memory
+        while pending:
+            done = wait(list(pending), return_when="FIRST_COMPLETED").done
+            for fut in done:
+                sink(pending.pop(fut), fut.result())
+                fut.release()
+        strips = client.gather(strip_futures)
+    except BaseException:
+        client.cancel(submitted)  # a failed band leaves nothing running or held on the cluster
+        raise
     return list(zip(strips[0::2], strips[1::2]))

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..errors import ConfigError, DeviceError, GeosegError
+from ..errors import ConfigError, DeviceError
 from ..io.staging import check_output_dir
 from ..io.vector import vector_format
 from ..models.backends import OnnxBackend, available_cores, resolve_device
 from ..models.loading import ModelSpec, load_model
 from ..models.onnx_runtime import wants_onnx
 from .plan import check_scheduler, probe_scheduler, split_options
-from .scene_task import note_attempt, one_line_error, predict_resuming, result_path, run_scene
+from .scene_task import note_attempt, one_line_error, permanent, predict_resuming, result_path, run_scene
 from .sources import Scene, absolute, expand_sources, model_file, scene_pixels
 from .stac import Finished, Manifest, now, verified, write_job_outputs
 
@@ -371,7 +371,7 @@ class Job:
                 try:
                     res = self._predict_large(client, sc, log, bool(self.options.get("overwrite")) or sc.id in rerun)
                 except Exception as e:
-                    if attempt == self.cluster.retries or self.state.stopping or isinstance(e, GeosegError):
+                    if attempt == self.cluster.retries or self.state.stopping or permanent(e, sc.href):
                         events.put((sc.id, ("error", e)))
                         break
                 else:
@@ -466,8 +466,8 @@ class Job:
                      resumed=res["resumed"], timings=timings)
         else:
             why = res["error"] if res is not None else one_line_error(err) if err is not None else "failed"
-            e.update(status="failed", error=why,
-                     timings={**e.get("timings", {}), "finished": now()})
+            when = {"started": res["started"], "finished": res["finished"]} if res is not None else {"finished": now()}
+            e.update(status="failed", error=why, timings={**e.get("timings", {}), **when})
         self.state.done_px += self.sizes.get(sid) or e.get("pixels") or 0
         self.manifest.write()
 

@@ -137,18 +137,28 @@ def check_scheduler(scheduler: Any, without: str = "local threads") -> None:
         )
 
 
-def probe_scheduler(scheduler: str, timeout: float = 10.0) -> None:
-    """Fail at once, with one line, where nothing listens at a tcp:// scheduler address (a refused
-    connection would otherwise be retried until the client's timeout)."""
+def probe_scheduler(scheduler: str, timeout: float = 10.0, starting: float = 3.0) -> None:
+    """Fail soon, with one line, where nothing listens at a tcp:// scheduler address (the client would
+    retry a refused connection until its timeout). A refusal is tried again for ``starting`` seconds,
+    for a scheduler started just before."""
     import socket
+    import time
 
     m = re.match(r"^(?:tcp://)?\[?([^\s/\]]+?)\]?:(\d+)/?$", scheduler)
     if m is None:  # tls://, ucx://, ...: the client says
         return
-    try:
-        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout).close()
-    except OSError as e:
-        reason = "connection refused" if isinstance(e, ConnectionRefusedError) else (str(e) or type(e).__name__)
+    give_up = time.monotonic() + starting
+    while True:
+        try:
+            socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout).close()
+            return
+        except ConnectionRefusedError:
+            if time.monotonic() < give_up:
+                time.sleep(0.25)
+                continue
+            reason = "connection refused"
+        except OSError as e:
+            reason = str(e) or type(e).__name__
         raise ConfigError(f"cannot reach dask scheduler {scheduler}: {reason}; is it running?") from None
 
 

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..errors import ConfigError, GeosegError
+from ..errors import (
+    BandCountError,
+    ConfigError,
+    GeosegError,
+    ModelCardError,
+    NotARasterError,
+    OutputExistsError,
+    PartialRunError,
+)
 from ..io.staging import Staging
 from ..io.styles import write_text_atomic
 from ..models.backends import available_cores, resolve_device
@@ -110,7 +118,9 @@ def run_scene(scene: dict[str, Any], out: str, spec: ModelSpec, options: dict[st
         try:
             res, resumed = predict_resuming(scene["href"], Path(out), model=cached_model(spec),
                                             overwrite=overwrite, num_workers=blocks, **options)
-        except GeosegError as e:  # the scene itself is wrong (not a raster, no CRS, ...): no retry mends it
+        except GeosegError as e:
+            if not permanent(e, scene["href"]):
+                raise  # dask tries it again (elsewhere)
             done = {"error": one_line_error(e), "started": started, "finished": now(), "worker": worker}
         else:
             done = {"outputs": sorted(res.files), "pixels": res.pixels, "started": started, "finished": now(),
@@ -119,6 +129,14 @@ def run_scene(scene: dict[str, Any], out: str, spec: ModelSpec, options: dict[st
     # also on disk: the client reads it there, so a worker lost after the scene costs nothing
     write_text_atomic(result_path(log), json.dumps(done))
     return done
+
+
+def permanent(exc: BaseException, href: str) -> bool:
+    """Whether no retry can mend ``exc``: the scene or the options are wrong, not a node, a network or a
+    device (a missing mount, a URL that timed out, a GPU that failed are tried again)."""
+    if isinstance(exc, NotARasterError):
+        return Path(href).is_file()  # a local file GDAL cannot read; a URL may answer next time
+    return isinstance(exc, (ConfigError, BandCountError, ModelCardError, OutputExistsError, PartialRunError))
 
 
 def result_path(log: str | Path) -> Path:
