@@ -100,3 +100,74 @@ def test_class_balanced_crops_show_rare_classes_more_often():
     assert aimed == pytest.approx(0.25 * (1 - 0.9**8) + 0.5 * 0.1 + 0.25 * 0.1**8, abs=0.03)
     with pytest.raises(ConfigError, match="class_balance"):
         balanced(sample, 5, 1.5)
+
+
+def test_command_line_paths_are_relative_to_where_you_stand(tmp_path, monkeypatch):
+    import geoseg.cli.main  # noqa: F401 - the CLI package, whose commands import each other
+    from geoseg.cli.train_cmd import _from_cwd
+
+    monkeypatch.chdir(tmp_path)
+    assert _from_cwd("data.dataset=ds/d.yaml") == f"data.dataset={tmp_path / 'ds' / 'd.yaml'}"
+    assert _from_cwd("model.init=run1/weights/best.safetensors") == \
+        f"model.init={tmp_path / 'run1' / 'weights' / 'best.safetensors'}"
+    assert _from_cwd("train.output=myrun") == f"train.output={tmp_path / 'myrun'}"
+    assert _from_cwd("data.extra_datasets=[a.yaml, /abs/b.yaml]") == \
+        f'data.extra_datasets=["{tmp_path / "a.yaml"}", "/abs/b.yaml"]'
+    for unchanged in ("train.epochs=3", "data.dataset=/abs/d.yaml", "model.init=null"):
+        assert _from_cwd(unchanged) == unchanged
+    r = load_recipe(Recipe, REPO / "recipes" / "dubai-n.yaml", [_from_cwd("data.extra_datasets=[x.yaml]")])
+    assert r.data.extra_datasets == (str(tmp_path / "x.yaml"),)
+
+
+def _tiny_dataset(root, *, bad_value=None):
+    from PIL import Image
+
+    for sub in ("images/train", "images/val", "masks/train", "masks/val"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2), ("val", 1)):
+        for k in range(n):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / f"images/{split}/{k}.png")
+            mask = (np.arange(64)[:, None] // 22 * np.ones(64, int)).astype(np.uint8)  # 0, 1, 2
+            if bad_value is not None and split == "val":
+                mask[0, 0] = bad_value
+            Image.fromarray(mask).save(root / f"masks/{split}/{k}.png")
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    return root / "data.yaml"
+
+
+def test_training_refuses_bad_data_and_options_before_writing_anything(tmp_path):
+    from geoseg.train.loop import train
+
+    def recipe(data, *extra):
+        return load_recipe(Recipe, REPO / "recipes" / "dubai-n.yaml", [
+            f"data.dataset={data}", "train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1",
+            f"train.output={tmp_path / 'run'}", "data.batch=2", "data.imgsz=64", "data.colors=null",
+            "optim.warmup_steps=1", "train.val_tile=128", *extra])
+
+    bad = _tiny_dataset(tmp_path / "bad", bad_value=7)
+    with pytest.raises(ConfigError, match=r"mask .*0\.png has class ids 7 outside 0\.\.2 \(255: ignored\)"):
+        train(recipe(bad), log=lambda s: None)  # a validation mask, caught before the first epoch
+    assert not (tmp_path / "run").exists()
+    good = _tiny_dataset(tmp_path / "good")
+    with pytest.raises(ConfigError, match="data.colors has 2 colours for the dataset's 3 classes"):
+        train(recipe(good, "data.colors=[[1, 2, 3], [4, 5, 6]]"), log=lambda s: None)
+    with pytest.raises(ConfigError, match="holds no run to resume"):
+        train(recipe(good), resume=True, log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+    summary = train(recipe(good), log=lambda s: None)
+    assert summary["step"] == 2 and summary["best_val_miou"] is not None
+    said = []
+    assert train(recipe(good), resume=True, log=said.append) == summary  # complete: nothing to do, summary kept
+    assert "complete" in said[-1]
+    from geoseg.train.data import load_dataset_spec, split_images
+
+    d2 = tmp_path / "good" / "d2.yaml"
+    d2.write_text("path: .\ntrain: images/train\nval: nothing/*.png\nnames: [a, b, c]\n")
+    with pytest.raises(ConfigError, match=r"split 'val' has no images: .*/nothing/\*\.png matches none"):
+        split_images(load_dataset_spec(d2), "val")
+    listing = tmp_path / "good" / "val.txt"
+    listing.write_text("images/val/0.png\nimages/val/nope.png\n")
+    d2.write_text("path: .\ntrain: images/train\nval: val.txt\nnames: [a, b, c]\n")
+    with pytest.raises(ConfigError, match=r"split 'val': .*nope\.png, listed in .*val\.txt, does not exist"):
+        split_images(load_dataset_spec(d2), "val")

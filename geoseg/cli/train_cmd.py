@@ -28,11 +28,26 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool) -> None:
     click.echo(json.dumps(summary, indent=2))
 
 
+#: recipe keys that hold paths: given on the command line, they are relative to where you stand
+PATH_KEYS = ("train.output", "model.init", "data.dataset", "data.extra_datasets")
+
+
 def _from_cwd(override: str) -> str:
     key, sep, value = override.partition("=")
-    if sep and key.strip() in ("train.output", "train.init") and value and not Path(value).is_absolute():
-        return f"{key}={Path.cwd() / value}"
-    return override
+    if not sep or key.strip() not in PATH_KEYS or not value.strip():
+        return override
+    if value.strip().startswith("["):  # a list of paths, in YAML
+        import yaml
+
+        items = yaml.safe_load(value)
+        if isinstance(items, list):
+            return f"{key}={json.dumps([_here(str(v)) for v in items])}"
+        return override
+    return f"{key}={_here(value)}"
+
+
+def _here(path: str) -> str:
+    return path if Path(path).is_absolute() or path in ("null", "~") else str(Path.cwd() / path)
 
 
 @click.command()
@@ -102,7 +117,7 @@ def val(model: str, card: Path | None, data: Path | None, split: str, scene: Pat
 @click.option("-m", "--model", required=True, help="Model name or .safetensors path.")
 @click.option("--card", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx",
-              show_default=True)
+              show_default=True, help="onnx (geoseg predict runs it) or torchscript (for torch.jit.load elsewhere).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @one_line_errors
 def export(model: str, card: Path | None, fmt: str, output: Path) -> None:

@@ -84,7 +84,7 @@ class DatasetSpec:
 def load_dataset_spec(path: str | Path) -> DatasetSpec:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"dataset YAML {p} does not exist; check --data")
+        raise ConfigError(f"dataset YAML {p} does not exist; check the path (--data, or the recipe's data.dataset)")
     d = yaml.safe_load(p.read_text()) or {}
     if "names" not in d:
         raise ConfigError(f"dataset YAML {p}: missing 'names' ({{id: name}})")
@@ -132,13 +132,17 @@ def split_images(spec: DatasetSpec, split: str) -> list[Path]:
             for line in p.read_text().splitlines():
                 if line.strip():
                     q = Path(line.strip())
-                    out.append(q if q.is_absolute() else spec.root / q)
+                    q = q if q.is_absolute() else spec.root / q
+                    if not q.is_file():
+                        raise ConfigError(f"split '{split}': {q}, listed in {p}, does not exist")
+                    out.append(q)
         elif p.is_file():
             out.append(p)
         else:
             raise ConfigError(f"split '{split}': {p} is not a folder, list file, glob or image")
     if not out:
-        raise ConfigError(f"split '{split}' has no images")
+        raise ConfigError(f"split '{split}' has no images: {', '.join(str(spec.root / str(e)) for e in entries)} "
+                          "matches none")
     return out
 
 
@@ -167,6 +171,25 @@ def read_image(path: Path) -> np.ndarray:
             return ds.read()
 
 
+def read_mask(spec: DatasetSpec, image: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The class ids of ``image``'s mask (label_mapping applied), checked against the image and the classes."""
+    path = mask_path(spec, image)
+    raw = read_image(path)
+    if raw.shape[0] > 1 and not all(np.array_equal(raw[0], b) for b in raw[1:]):
+        raise ConfigError(f"mask {path} has {raw.shape[0]} different bands; masks are single-channel class ids "
+                          "(export the masks as class-id PNGs, not colours)")
+    m = raw[0]
+    if m.shape != tuple(shape):
+        raise ConfigError(f"mask of {image.name} is {m.shape}, image is {tuple(shape)}")
+    m = remap(m, spec.label_mapping)
+    bad = np.unique(m[(m >= spec.num_classes) & (m != IGNORE)])
+    if bad.size:
+        ids = ", ".join(map(str, bad[:5])) + (", …" if bad.size > 5 else "")
+        raise ConfigError(f"mask {path} has class ids {ids} outside 0..{spec.num_classes - 1} (255: ignored); "
+                          "map them with label_mapping in the dataset YAML, or fix the mask")
+    return m
+
+
 def remap(mask: np.ndarray, mapping: dict[Any, int]) -> np.ndarray:
     if not mapping:
         return mask
@@ -192,11 +215,9 @@ class MaskDataset:
             img = read_image(p)
             if spec.channels and img.shape[0] != spec.channels:
                 img = img[: spec.channels]
-            m = read_image(mask_path(spec, p))[0]
-            if m.shape != img.shape[1:]:
-                raise ConfigError(f"mask of {p.name} is {m.shape}, image is {img.shape[1:]}")
+            m = read_mask(spec, p, img.shape[1:])
             img, m = rescale(img, m, spec.scale_of(p))
-            self.items.append((img, remap(m, spec.label_mapping)))
+            self.items.append((img, m))
         self.weights = np.array([m.size for _, m in self.items], np.float64)
         self.weights /= self.weights.sum()
 

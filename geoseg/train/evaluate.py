@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..geometry.grid import Grid
 from ..io.raster import RasterSource, data_bands, open_raster
 from ..io.vector import rasterize_on
-from .data import DatasetSpec, label_ids, mask_path, read_image, remap, split_images
+from .data import DatasetSpec, label_ids, read_image, read_mask, remap, split_images
 from .metrics import IGNORE, ConfusionMatrix
 
 
@@ -43,7 +43,7 @@ def evaluate_dataset(model: Any, spec: DatasetSpec, split: str = "val", *, tile:
     paths = split_images(spec, split)
     for n, p in enumerate(paths, 1):
         img = read_image(p)[: model.card.in_channels]
-        truth = remap(read_image(mask_path(spec, p))[0], spec.label_mapping)
+        truth = read_mask(spec, p, img.shape[1:])
         runner, tiled = _at_scale(model, spec.scale_of(p), tiling)
         _, opts = resolve(runner.card, img.shape[1:], tiled, batch_size=batch_size)
         cm.update(predict_array(img, runner, opts).classes, truth)

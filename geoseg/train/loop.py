@@ -36,7 +36,16 @@ from ..models.checkpoint import (
 )
 from ..models.registry import create_model
 from .augment import augment_sample
-from .data import DatasetSpec, MixedDataset, balanced, load_dataset_spec, open_dataset
+from .data import (
+    DatasetSpec,
+    MixedDataset,
+    balanced,
+    load_dataset_spec,
+    open_dataset,
+    read_image,
+    read_mask,
+    split_images,
+)
 from .evaluate import evaluate_dataset
 from .losses import inverse_log_frequency, segmentation_loss
 from .recipe import Recipe
@@ -75,6 +84,9 @@ def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> 
 def _card(recipe: Recipe, spec: DatasetSpec, in_channels: int, mean: list[float], std: list[float],
           provenance: dict[str, Any]) -> ModelCard:
     d = recipe.data
+    if d.colors and len(d.colors) != len(spec.names):
+        raise ConfigError(f"the recipe's data.colors has {len(d.colors)} colours for the dataset's "
+                          f"{len(spec.names)} classes; give {len(spec.names)}, or data.colors=null for defaults")
     return ModelCard(
         name=recipe.model.name, classes=tuple(spec.names), in_channels=in_channels,
         bands=d.bands, colors=d.colors, input_scale=d.input_scale, mean=tuple(mean), std=tuple(std),
@@ -144,13 +156,19 @@ def train(recipe: Recipe, *, recipe_dir: Path = Path("."), resume: bool = False,
     torch.manual_seed(tr.seed)
     rng = np.random.default_rng(tr.seed)
     device = resolve_device(tr.device)
-    data = _open_data(recipe, recipe_dir)
+    data = _open_data(recipe, recipe_dir)  # every check passes before the run's folder is made
     st = _optim(recipe, recipe_dir, data, device)
     total = tr.epochs * tr.steps_per_epoch if tr.max_steps is None else min(
         tr.max_steps, tr.epochs * tr.steps_per_epoch)
+    wdir.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
     step, start_epoch, best = 0, 0, -1.0
     if resume:
         step, start_epoch, best = _restore(wdir / "last", st, rng)
+        if step >= total or start_epoch >= tr.epochs:
+            log(f"the run in {out} is complete (epoch {start_epoch}, step {step}); nothing to resume")
+            done = out / "summary.yaml"
+            return (yaml.safe_load(done.read_text()) if done.exists() else None) or {}
         log(f"resumed at epoch {start_epoch}, step {step}")
     csv_path, fields = _metrics_csv(out, data.spec, resume)
     has_val = "val" in data.spec.splits
@@ -192,8 +210,8 @@ def _output_folder(recipe: Recipe, recipe_dir: Path, resume: bool) -> tuple[Path
     wdir = out / "weights"
     if not resume and (wdir / "last.safetensors").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or set train.output")
-    wdir.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    if resume and not (wdir / "last.state.json").exists():
+        raise ConfigError(f"{out} holds no run to resume; drop --resume to start one, or set train.output")
     return out, wdir
 
 
@@ -201,6 +219,9 @@ def _open_data(recipe: Recipe, recipe_dir: Path) -> _Data:
     d = recipe.data
     spec = load_dataset_spec(recipe_dir / d.dataset)
     main_ds = open_dataset(spec, "train")
+    if recipe.train.val_every > 0 and "val" in spec.splits and spec.kind == "masks":
+        for p in split_images(spec, "val"):  # a bad validation image fails now, not epochs later
+            read_mask(spec, p, read_image(p).shape[1:])
     in_ch = main_ds.in_channels
     mean, std = (list(d.mean), list(d.std)) if d.mean and d.std else _band_stats(
         main_ds, d.input_scale)
@@ -369,7 +390,7 @@ def plot_curves(csv_path: Path, png: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for k in ("loss", "ce", "dice", "aux_ce"):
-        a.plot(ep, col(k), label=k)
+        a.plot(ep, col(k), marker="o" if len(ep) == 1 else None, label=k)  # one epoch: a point
     a.set_xlabel("epoch")
     a.set_title("training loss")
     a.legend()
