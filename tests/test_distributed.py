@@ -55,3 +55,26 @@ def test_cluster_result_equals_local_result(tmp_path, yolo_checkpoint, monkeypat
     with rasterio.open(local.output / "confidence.tif") as a, rasterio.open(remote.output / "confidence.tif") as b:
         np.testing.assert_allclose(a.read(), b.read(), atol=1e-4)
     assert remote.tiles_run == local.tiles_run
+
+
+@pytest.mark.slow
+def test_segment_on_a_cluster_at_the_model_gsd_with_tta(tmp_path):
+    """The lazy engine's graph, resampled (d x d cells) and test-time augmented, unpickled by worker processes."""
+    rioxarray = pytest.importorskip("rioxarray")
+    from distributed import Client, LocalCluster
+
+    from geoseg.models.loading import ModelSpec
+
+    from .conftest import REPO
+
+    ortho = REPO / "data" / "scenes" / "field-ortho.tif"
+    weights = REPO / "geoseg" / "weights" / "geoseg-landcover-n.safetensors"
+    spec = ModelSpec(str(weights), str(weights.with_suffix(".yaml")), device="cpu")
+    res = geoseg.predict(ortho, tmp_path / "p", model="geoseg-landcover-n", device="cpu", polygons=False, tta="flips")
+    with rasterio.open(res.output / "classes.tif") as ds:
+        expected = ds.read(1)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster):
+        y = rioxarray.open_rasterio(ortho, chunks={"band": -1, "x": 512, "y": 512})
+        got = geoseg.segment(y.sel(band=[1, 2, 3]), spec, mask=y.sel(band=4) > 0, tta="flips").compute().values
+    assert (got == expected).mean() > 0.999  # near-ties of the flips' sums may round either way

@@ -439,3 +439,17 @@ def test_run_options_travel_without_their_window():
     assert len(data) < 2000 < window.nbytes
     back = pickle.loads(data)
     assert back == opts and np.array_equal(back.window(), window)
+
+
+def test_segment_takes_band_names_and_says_what_a_2d_array_lacks(cnn_model):
+    import xarray as xr
+
+    img = smooth_image((4, 96, 96), seed=2)
+    x = xr.DataArray(img, dims=("band", "y", "x"), attrs={"long_name": ("blue", "green", "red", "nir")})
+    by_name = geoseg.segment(x, cnn_model, bands=["red", "green", "blue"], tile_size=64, overlap=16).values
+    by_index = geoseg.segment(x, cnn_model, bands=[3, 2, 1], tile_size=64, overlap=16).values
+    np.testing.assert_array_equal(by_name, by_index)
+    with pytest.raises(geoseg.GeosegError, match="no band named 'swir'"):
+        geoseg.segment(x, cnn_model, bands=["swir", "green", "blue"])
+    with pytest.raises(geoseg.GeosegError, match="the input has 1 bands but model"):
+        geoseg.segment(img[0], cnn_model)  # a 2-D array is one band

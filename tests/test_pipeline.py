@@ -165,6 +165,12 @@ def test_infer_matches_predict_for_in_memory_images(tmp_path, cnn_model):
         coarse = ds.read(1)
     assert not np.array_equal(coarse, classes)
     assert np.array_equal(cnn_model.infer(path, gsd=1.5)[0], coarse)
+    # bands picked from a larger image, as segment and predict pick them
+    four = np.concatenate([image, image[:1]])
+    assert np.array_equal(cnn_model.infer(four, bands=[1, 2, 3])[0], classes)
+    assert np.array_equal(cnn_model.infer(write_raster(tmp_path / "4.tif", four), bands=[1, 2, 3])[0], classes)
+    with pytest.raises(geoseg.GeosegError, match="band 5 does not exist"):
+        cnn_model.infer(four, bands=[1, 2, 5])
 
 
 def test_gdal_block_cache_is_capped_in_bytes_while_predicting(tmp_path, cnn_model, monkeypatch):

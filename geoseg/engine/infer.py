@@ -21,7 +21,7 @@ from .options import Tiling, resolve
 
 def infer(model: Any, image: Any, *, tile_size: int | None = None, overlap: int | None = None,
           blend: Any = "hann", margin: int | None = None, batch_size: int = 4, gsd: str | float = "auto",
-          tta: str = "none") -> tuple[Any, Any]:
+          tta: str = "none", bands: list[int] | None = None) -> tuple[Any, Any]:
     """Class map (H, W) uint8 and confidence (H, W) float32 for an in-memory image.
 
     ``image`` is a (C, H, W) array of raw values (scaled by the card), a
@@ -32,20 +32,22 @@ def infer(model: Any, image: Any, *, tile_size: int | None = None, overlap: int 
     confidence -1. ``gsd`` and ``tta`` are predict's: a raster file or a
     georeferenced DataArray is run at the model's ground resolution, as
     ``geoseg predict`` runs it (same map); a bare array has no ground
-    resolution and is run as it is.
+    resolution and is run as it is. ``bands`` are 1-based indexes of the
+    image's bands to use (default: all; for a file, all but alpha).
     """
     net = as_runnable(model)
     if _is_dataarray(image):
         return _infer_lazy(net, image, None, tile_size=tile_size, overlap=overlap, blend=blend, margin=margin,
-                           batch_size=batch_size, gsd=gsd, tta=tta)
+                           batch_size=batch_size, gsd=gsd, tta=tta, bands=bands)
     valid = None
     if isinstance(image, (str, Path)):
         with open_raster(image) as src:
-            arr = src.read(data_bands(src))
+            arr = src.read(_pick(bands, src.count) or data_bands(src))
             valid = src.dataset_mask() > 0
             grid = Grid.from_rio(src)
     elif isinstance(image, np.ndarray):
         arr = image if image.ndim == 3 else image[None]
+        arr = arr[[b - 1 for b in _pick(bands, arr.shape[0])]] if bands else arr
         grid = None
     else:
         raise ConfigError(f"infer takes a (C, H, W) array, a DataArray or a raster path, not {type(image).__name__}")
@@ -74,6 +76,13 @@ def infer(model: Any, image: Any, *, tile_size: int | None = None, overlap: int 
         out = predict_array(arr, runner, opts, valid=valid)
     assert out.confidence is not None
     return out.classes, out.confidence
+
+
+def _pick(bands: list[int] | None, count: int) -> list[int]:
+    bad = [b for b in bands or [] if not 1 <= b <= count]
+    if bad:
+        raise ConfigError(f"band {bad[0]} does not exist; the image has bands 1..{count}")
+    return list(bands or [])
 
 
 def _infer_lazy(net: Any, x: Any, mask: Any, **options: Any) -> tuple[Any, Any]:

@@ -122,7 +122,7 @@ def _as_dask(x: Any) -> tuple[Any, Any]:
     if isinstance(x, da.Array):
         data = x
     elif isinstance(x, np.ndarray):
-        data = da.from_array(x, chunks=(-1, 2048, 2048))
+        data = da.from_array(x[None] if x.ndim == 2 else x, chunks=(-1, 2048, 2048) if x.ndim <= 3 else "auto")
     else:
         raise ConfigError(
             f"segment takes an xarray.DataArray, a dask array or a numpy array, not {type(x).__name__}; "
@@ -135,29 +135,36 @@ def _as_dask(x: Any) -> tuple[Any, Any]:
     return data, None
 
 
+def _invalid_to_nan(block: np.ndarray, *m: np.ndarray, nodata: float | None) -> np.ndarray:
+    ok = valid_mask(block, nodata) & (m[0][0].astype(bool) if m else True)
+    out = block.astype(np.float32)
+    out[:, ~ok] = np.nan
+    return out
+
+
+def _nanmean(a: np.ndarray, axis: Any = None) -> np.ndarray:
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: NaN, which is nodata
+        return np.nanmean(a, axis=axis)
+
+
 def _coarsen(data: Any, nodata: float | None, mask: Any, d: int) -> Any:
-    """Mean of the valid pixels of each d x d cell (NaN where a cell has none), as float32."""
+    """Mean of the valid pixels of each d x d cell (NaN where a cell has none), as float32.
+
+    (Module-level functions only: a cluster's workers unpickle the graph.)
+    """
+    import functools
+
     import dask.array as da
 
-    def invalid_to_nan(block: np.ndarray, *m: np.ndarray) -> np.ndarray:
-        ok = valid_mask(block, nodata) & (m[0][0].astype(bool) if m else True)
-        out = block.astype(np.float32)
-        out[:, ~ok] = np.nan
-        return out
-
-    x = data.map_blocks(invalid_to_nan, *([mask[None]] if mask is not None else []), dtype=np.float32)
+    x = data.map_blocks(functools.partial(_invalid_to_nan, nodata=nodata),
+                        *([mask[None]] if mask is not None else []), dtype=np.float32)
     h, w = data.shape[1:]
     ph, pw = -h % d, -w % d
     if ph or pw:
         x = da.pad(x, ((0, 0), (0, ph), (0, pw)), constant_values=np.nan)
     x = x.rechunk((-1, _multiple(x.chunks[1][0], d), _multiple(x.chunks[2][0], d)))
-
-    def nanmean(a: np.ndarray, axis: Any = None) -> np.ndarray:
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: NaN, which is nodata
-            return np.nanmean(a, axis=axis)
-
-    return da.coarsen(nanmean, x, {1: d, 2: d})
+    return da.coarsen(_nanmean, x, {1: d, 2: d})
 
 
 def _multiple(n: int, d: int) -> int:
@@ -327,7 +334,7 @@ def segment_graph(data: Any, mask: Any, model_ref: Any, layout: Layout, opts: Ru
 
 def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | None = None,
             blend: Any = "hann", margin: int | None = None, batch_size: int | None = None,
-            bands: list[int] | None = None, confidence: bool = False, nodata: float | None = None,
+            bands: list[int | str] | None = None, confidence: bool = False, nodata: float | None = None,
             mask: Any = None, gsd: str | float = "auto", tta: str = "none") -> Any:
     """Lazily segment a (band, y, x) raster of raw values with ``model``.
 
@@ -353,11 +360,16 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
 
     data, xarr = _as_dask(x)
     if bands:
+        from ..io.bands import parse_bands
+
         c = data.shape[0]
-        bad = [b for b in bands if b < 1 or b > c]
+        names = xarr.attrs.get("long_name") if xarr is not None else None  # rioxarray: the band descriptions
+        names = list(names) if isinstance(names, (list, tuple)) and len(names) == c else [None] * c
+        use = parse_bands(bands, names, "the input")  # indexes, or names matched to those descriptions
+        bad = [b for b in use if b < 1 or b > c]
         if bad:
             raise ConfigError(f"band {bad[0]} does not exist; the input has bands 1..{c}")
-        data = data[[b - 1 for b in bands]]
+        data = data[[b - 1 for b in use]]
     net = as_runnable(model)
     shape = tuple(data.shape[1:])
     nd = _nodata_of(xarr, nodata)
@@ -380,7 +392,7 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
     layout, opts = resolve(card, tuple(data.shape[1:]), tiling, batch_size=batch_size or 4, confidence=confidence)
     token = dask.base.tokenize(data.name, id(net), layout.tile, layout.overlap, layout.tiles_per_block,
                                repr(opts), nd, getattr(m, "name", None))
-    ref = runner if runner is not net or hasattr(model, "backend") else model  # a ModelSpec stays a spec
+    ref = _model_ref(model, net, runner)
     classes, conf = segment_graph(data, m, ref, layout, opts, nd, token)
     if d > 1:
         valid = full.map_blocks(valid_mask, full_nd, drop_axis=0, dtype=bool)
@@ -392,6 +404,28 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
     if xarr is None:
         return (classes, conf) if confidence else classes
     return _wrap(xarr, classes, conf, card)
+
+
+def _model_ref(model: Any, net: Any, runner: Any) -> Any:
+    """What the block tasks load the model from: a spec stays a spec (a cluster's workers load it once
+    from its path), wrapped for --gsd / --tta as an AdaptedSpec; a loaded model is used as it is."""
+    from ..models.loading import ModelSpec
+    from .adapters import AdaptedSpec
+
+    if not isinstance(model, (ModelSpec, AdaptedSpec)):
+        return runner
+    if runner is net:
+        return model
+    spec = model.spec if isinstance(model, AdaptedSpec) else model
+    return AdaptedSpec(spec, _tta_of(runner), getattr(runner, "ratio", None), getattr(runner, "model_tile", None))
+
+
+def _tta_of(runner: Any) -> str:
+    while runner is not None:
+        if hasattr(runner, "mode"):
+            return str(runner.mode)
+        runner = getattr(runner, "inner", None)
+    return "none"
 
 
 def _wrap(xarr: Any, classes: Any, conf: Any, card: Any) -> Any:
