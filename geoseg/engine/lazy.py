@@ -339,8 +339,9 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
     """Lazily segment a (band, y, x) raster of raw values with ``model``.
 
     ``x`` is an ``xarray.DataArray`` (dask-backed or not), a dask array or a
-    numpy array; ``bands`` are 1-based indexes into its first axis (default:
-    all). ``nodata`` defaults to the DataArray's ``_FillValue`` / rioxarray
+    numpy array (a 2-D one is one band); ``bands`` are 1-based indexes into
+    its first axis, or names matched to a DataArray's band descriptions
+    (rioxarray's ``long_name``) (default: all). ``nodata`` defaults to the DataArray's ``_FillValue`` / rioxarray
     nodata; NaN is always treated as nodata. ``mask`` is an optional (y, x)
     array (numpy, dask or DataArray), True or non-zero where pixels are
     valid — an alpha band, say: ``mask=da.sel(band=4) > 0``. Tiling options
