@@ -353,14 +353,14 @@ def test_segment_on_real_rasters_equals_predict(tmp_path):
     rioxarray = pytest.importorskip("rioxarray")
     model = geoseg.load_model("geoseg-landcover-n", device="cpu")
     rgb = _real_scene("data/rasterio/RGB.byte.tif")  # nodata 0
-    x = rioxarray.open_rasterio(rgb, chunks=True)
+    x = rioxarray.open_rasterio(rgb, chunks={"x": 512, "y": 512})
     lazy = geoseg.segment(x, model)
     res = geoseg.predict(rgb, tmp_path / "p", model=model, polygons=False)
     with rasterio.open(res.output / "classes.tif") as ds:
         np.testing.assert_array_equal(lazy.values, ds.read(1))
         assert lazy.rio.transform() == ds.transform and lazy.rio.crs == ds.crs
     ortho = REPO / "data" / "scenes" / "field-ortho.tif"  # RGBA: alpha is the mask
-    y = rioxarray.open_rasterio(ortho, chunks=True)
+    y = rioxarray.open_rasterio(ortho, chunks={"x": 512, "y": 512})
     lazy = geoseg.segment(y.sel(band=[1, 2, 3]), model, mask=y.sel(band=4) > 0, gsd="off")
     res = geoseg.predict(ortho, tmp_path / "q", model=model, polygons=False, gsd="off")
     with rasterio.open(res.output / "classes.tif") as ds:

@@ -126,7 +126,7 @@ def _as_dask(x: Any) -> tuple[Any, Any]:
     else:
         raise ConfigError(
             f"segment takes an xarray.DataArray, a dask array or a numpy array, not {type(x).__name__}; "
-            "for a file use geoseg.predict or rioxarray.open_rasterio(path, chunks=True)"
+            "for a file use geoseg.predict or rioxarray.open_rasterio(path, chunks={\"x\": 2048, \"y\": 2048})"
         )
     if data.ndim == 2:
         data = data[None]
