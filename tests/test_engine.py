@@ -306,6 +306,15 @@ def test_segment_dataarray_keeps_grid_and_stores_with_rioxarray(tmp_path, cnn_mo
     assert out.rio.crs == x.rio.crs and out.rio.transform() == x.rio.transform()
     assert out.rio.nodata == 255
     out.rio.to_raster(tmp_path / "lazy.tif", tiled=True, lock=threading.Lock())
+    # vectorize and stats read the class names segment wrote, into a folder they make
+    from geoseg.post.landcover import area_stats, vectorize
+
+    v = vectorize(tmp_path / "lazy.tif", tmp_path / "new" / "polygons")
+    import pyogrio
+
+    names = set(pyogrio.read_dataframe(v["path"], layer="landcover")["class_name"])
+    assert names and names <= set(cnn_model.card.classes)
+    assert area_stats(tmp_path / "lazy.tif").classes == list(cnn_model.card.classes)
     res = geoseg.predict(path, tmp_path / "p", model=cnn_model, tile_size=64, overlap=16, polygons=False)
     with rasterio.open(tmp_path / "lazy.tif") as a, rasterio.open(res.output / "classes.tif") as b:
         np.testing.assert_array_equal(a.read(1), b.read(1))

@@ -43,8 +43,11 @@ def class_info(ds: Any, *, count: int | None = None) -> ClassInfo:
     (``count`` default: found by scanning the raster).
     """
     tags = ds.tags()
+    listed = _listed(tags.get("class_names"))  # segment()'s attributes, as rioxarray writes them
     if "GEOSEG_CLASSES" in tags:
         names = json.loads(tags["GEOSEG_CLASSES"])
+    elif listed:
+        names = listed
     else:
         if count is None:
             count = max(_sample_values(ds), default=0) + 1
@@ -55,8 +58,23 @@ def class_info(ds: Any, *, count: int | None = None) -> ClassInfo:
     except ValueError:
         from ..models.card import DEFAULT_COLORS, _hex_to_rgb
 
-        palette = [_hex_to_rgb(DEFAULT_COLORS[i % 10], "raster") for i in range(len(names))]
+        colors = _listed(tags.get("class_colors"))
+        colors = colors if colors and len(colors) == len(names) else [DEFAULT_COLORS[i % 10] for i in range(len(names))]
+        palette = [_hex_to_rgb(c, "raster") for c in colors]
     return ClassInfo(names, palette)  # type: ignore[arg-type]
+
+
+def _listed(tag: str | None) -> list[str] | None:
+    """A list of strings written as a tag (a Python or JSON list), else None."""
+    import ast
+
+    if not tag:
+        return None
+    try:
+        value = ast.literal_eval(tag)
+    except (ValueError, SyntaxError):
+        return None
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) and value else None
 
 
 def _sample_values(ds: Any) -> list[int]:
@@ -419,9 +437,13 @@ def vectorize(src: str | Path, output: str | Path, *, fmt: str = "gpkg", simplif
     with open_raster(src) as ds:
         _check_class_raster(ds, src)
         grid = Grid.from_rio(ds)
-        tagged = "GEOSEG_CLASSES" in ds.tags()
+        tagged = "GEOSEG_CLASSES" in ds.tags() or _listed(ds.tags().get("class_names")) is not None
         info = class_info(ds, count=None if tagged else 0)  # untagged: names follow the ids found
         nodata = int(ds.nodata) if ds.nodata is not None else NODATA
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the folder {out.parent} ({e.strerror or e}); choose another -o") from None
     writer = PolygonWriter(out, grid.crs, info.names, fmt)
     held: list[Batch] = []
     sink = held.append if simplify else writer.write_batch  # coverage simplification needs the whole coverage
