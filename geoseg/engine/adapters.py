@@ -300,6 +300,11 @@ class AdaptedSpec:
     ratio: float | None = None
     model_tile: int | None = None
 
+    @classmethod
+    def around(cls, spec: Any, runner: Any, tta: str) -> AdaptedSpec:
+        """The recipe for ``runner``, what :func:`adapt` made with ``tta``, around the model ``spec`` loads."""
+        return cls(spec, tta, getattr(runner, "ratio", None), getattr(runner, "model_tile", None))
+
     def load(self) -> Any:
         from ..models.loading import cached_model
 

@@ -393,7 +393,7 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
     layout, opts = resolve(card, tuple(data.shape[1:]), tiling, batch_size=batch_size or 4, confidence=confidence)
     token = dask.base.tokenize(data.name, id(net), layout.tile, layout.overlap, layout.tiles_per_block,
                                repr(opts), nd, getattr(m, "name", None))
-    ref = _model_ref(model, net, runner)
+    ref = _model_ref(model, net, runner, tta)
     classes, conf = segment_graph(data, m, ref, layout, opts, nd, token)
     if d > 1:
         valid = full.map_blocks(valid_mask, full_nd, drop_axis=0, dtype=bool)
@@ -407,7 +407,7 @@ def segment(x: Any, model: Any, *, tile_size: int | None = None, overlap: int | 
     return _wrap(xarr, classes, conf, card)
 
 
-def _model_ref(model: Any, net: Any, runner: Any) -> Any:
+def _model_ref(model: Any, net: Any, runner: Any, tta: str) -> Any:
     """What the block tasks load the model from: a spec stays a spec (a cluster's workers load it once
     from its path), wrapped for --gsd / --tta as an AdaptedSpec; a loaded model is used as it is."""
     from ..models.loading import ModelSpec
@@ -417,16 +417,7 @@ def _model_ref(model: Any, net: Any, runner: Any) -> Any:
         return runner
     if runner is net:
         return model
-    spec = model.spec if isinstance(model, AdaptedSpec) else model
-    return AdaptedSpec(spec, _tta_of(runner), getattr(runner, "ratio", None), getattr(runner, "model_tile", None))
-
-
-def _tta_of(runner: Any) -> str:
-    while runner is not None:
-        if hasattr(runner, "mode"):
-            return str(runner.mode)
-        runner = getattr(runner, "inner", None)
-    return "none"
+    return AdaptedSpec.around(model.spec if isinstance(model, AdaptedSpec) else model, runner, tta)
 
 
 def _wrap(xarr: Any, classes: Any, conf: Any, card: Any) -> Any:

@@ -153,6 +153,7 @@ class RasterSource:
         d = self.decimation
         data = np.zeros((len(self.bands), r1 - r0, c1 - c0), dtype=ds.dtypes[self.bands[0] - 1])
         valid = np.ones(data.shape[1:], dtype=bool)
+        masked = not self._all_valid(ds)
         whole_r, whole_c = ds.height // d, ds.width // d
         for ra, rb in ((r0, min(r1, whole_r)), (max(r0, whole_r), r1)):
             for ca, cb in ((c0, min(c1, whole_c)), (max(c0, whole_c), c1)):
@@ -163,7 +164,7 @@ class RasterSource:
                 data[:, at[0], at[1]] = ds.read(list(self.bands), window=win,
                                                    out_shape=(len(self.bands), rb - ra, cb - ca),
                                                    resampling=Resampling.average)
-                if not self._all_valid(ds):  # a cell is valid where any of its pixels is
+                if masked:  # a cell is valid where any of its pixels is
                     valid[at] = ds.dataset_mask(window=win, out_shape=(rb - ra, cb - ca),
                                                 resampling=Resampling.average) > 0
         return data, valid

@@ -36,8 +36,10 @@ Georeferenced layout (``type: geo``)::
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,13 +164,25 @@ def mask_path(spec: DatasetSpec, image: Path) -> Path:
 
 def read_image(path: Path) -> np.ndarray:
     """(C, H, W) array from any GDAL-readable image (JPEG, PNG, GeoTIFF)."""
+    with _opened(path) as ds:
+        return ds.read()
+
+
+def image_shape(path: Path) -> tuple[int, int]:
+    """(H, W) of an image, from its header (nothing decoded)."""
+    with _opened(path) as ds:
+        return ds.height, ds.width
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(path) as ds:
-            return ds.read()
+            yield ds
 
 
 def read_mask(spec: DatasetSpec, image: Path, shape: tuple[int, ...]) -> np.ndarray:

@@ -40,9 +40,9 @@ from .data import (
     DatasetSpec,
     MixedDataset,
     balanced,
+    image_shape,
     load_dataset_spec,
     open_dataset,
-    read_image,
     read_mask,
     split_images,
 )
@@ -221,7 +221,7 @@ def _open_data(recipe: Recipe, recipe_dir: Path) -> _Data:
     main_ds = open_dataset(spec, "train")
     if recipe.train.val_every > 0 and "val" in spec.splits and spec.kind == "masks":
         for p in split_images(spec, "val"):  # a bad validation image fails now, not epochs later
-            read_mask(spec, p, read_image(p).shape[1:])
+            read_mask(spec, p, image_shape(p))
     in_ch = main_ds.in_channels
     mean, std = (list(d.mean), list(d.std)) if d.mean and d.std else _band_stats(
         main_ds, d.input_scale)

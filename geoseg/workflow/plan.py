@@ -223,10 +223,9 @@ def make_plan(src: str | Path, out: Path, *, model: Any, card: str | Path | None
         spec = getattr(net, "spec", None)
         if spec is None:
             raise ConfigError("a model passed as an object cannot be sent to a cluster; pass its path")
-        model_ref = AdaptedSpec(ModelSpec(_absolute(spec.model), _absolute(spec.card) if spec.card else None,
-                                          compute.device, compute.streams, compute.precision,
-                                          getattr(spec, "runtime", "auto")),
-                                adapted["tta"], getattr(runner, "ratio", None), getattr(runner, "model_tile", None))
+        model_ref = AdaptedSpec.around(ModelSpec(_absolute(spec.model), _absolute(spec.card) if spec.card else None,
+                                                 compute.device, compute.streams, compute.precision,
+                                                 getattr(spec, "runtime", "auto")), runner, adapted["tta"])
     path = str(Path(src).resolve()) if Path(str(src)).exists() else str(src)
     return Plan(str(src), path, out, grid, use, net, runner, model_ref, str(card) if card else None, layout, opts,
                 compute, outputs, engine, adapted)
